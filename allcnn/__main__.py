@@ -1,0 +1,3 @@
+from allcnn.cli import main
+
+main()

@@ -1,0 +1,230 @@
+"""The `allcnn` command line: a thin shell over the Python API.
+
+Heavy imports (Keras, TensorFlow) happen inside the commands, so
+`allcnn --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import click
+
+from allcnn.config import DEVICES, PRECISIONS, SCHEDULES, ConfigError
+
+# TensorFlow's C++ start-up chatter is noise for a CLI user.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turns the package's expected errors into one line and a non-zero exit."""
+    from allcnn.data import DataError
+    from allcnn.hardware import DeviceError
+
+    try:
+        yield
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    except (DataError, DeviceError, OSError, ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+data_dir_option = click.option(
+    "--data-dir", type=click.Path(path_type=Path), envvar="ALLCNN_DATA_DIR",
+    help="CIFAR-10: a cifar-10-batches-py folder, its parent, or cifar-10-python.tar.gz "
+         "[env ALLCNN_DATA_DIR; default: Keras' cache, downloading if needed].")
+device_option = click.option("--device", type=click.Choice(DEVICES), default=None,
+                             help="auto: a GPU when the backend sees one, else the CPU.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="allcnn")
+def main() -> None:
+    """All-CNN-C (Springenberg et al., 2015) on CIFAR-10 with Keras 3."""
+
+
+@main.command()
+@click.option("--config", "config_path", default="paper", show_default=True,
+              help="A TOML recipe: a path, or the name of one in configs/ (paper, tutorial, release).")
+@click.option("--epochs", type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1))
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
+@click.option("--schedule", type=click.Choice(SCHEDULES))
+@click.option("--warmup-epochs", type=click.IntRange(min=0))
+@click.option("--weight-decay", type=click.FloatRange(min=0),
+              help="The paper's weight decay (0.001); the kernels get keras l2(weight_decay / 2).")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True))
+@click.option("--augment/--no-augment", default=None, help="Random flips and translations.")
+@click.option("--variant", type=click.Choice(["paper", "tutorial"]))
+@click.option("--precision", type=click.Choice(PRECISIONS),
+              help="auto: bf16 only where the hardware has it natively.")
+@click.option("--seed", type=int)
+@click.option("--val-size", type=click.IntRange(min=0), help="Training images held out for validation (5000).")
+@data_dir_option
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("runs/allcnn"),
+              show_default=True, help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
+@device_option
+@click.option("--test", is_flag=True, help="Evaluate the best weights on the test set at the end.")
+def train(config_path, data_dir, out, resume, overwrite, test, **flags) -> None:
+    """Train All-CNN-C into a run folder (resumable).
+
+    \b
+    Example:
+      allcnn train --config paper --data-dir ../shared/data --out runs/paper
+      allcnn train --resume --out runs/paper
+    """
+    from allcnn.config import load_config
+
+    with user_errors():
+        given = {k: v for k, v in flags.items() if v is not None and k != "device"}
+        if resume:
+            if given:
+                raise ConfigError(f"--resume continues {out}/config.toml as it is; drop --{next(iter(given)).replace('_', '-')}")
+            config = None
+        else:
+            config = load_config(config_path, **flags)
+        from allcnn.training import train as run_training
+
+        try:
+            summary = run_training(config, out, data_dir=data_dir, resume=resume, overwrite=overwrite, test=test)
+        except KeyboardInterrupt:
+            raise click.ClickException(f"interrupted; continue with: allcnn train --resume --out {out}") from None
+    line = f"done: {summary['epochs']} epochs, best val_accuracy {summary['best_val_accuracy']:.4f}"
+    if "test_accuracy" in summary:
+        line += f", test accuracy {summary['test_accuracy']:.4f}"
+    click.echo(f"{line}; run folder {out}")
+
+
+@main.command()
+@click.option("--precision", type=click.Choice(["auto", "float32", "mixed_bfloat16", "all"]), default="auto",
+              show_default=True, help="all: float32 and, where the hardware has it natively, mixed_bfloat16.")
+@click.option("--batch-size", "batch_sizes", type=click.IntRange(min=1), multiple=True, default=[128],
+              show_default=True, help="Repeat to compare batch sizes.")
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Batches per timed repetition.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed repetitions after one warm-up.")
+@click.option("--intra-threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="TensorFlow intra-op threads (0: its default, all cores).")
+@click.option("--inter-threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="TensorFlow inter-op threads (0: its default).")
+@click.option("--feed", type=click.Choice(["tensors", "pipeline"]), default="tensors", show_default=True,
+              help="Training input: one in-memory batch (the train step alone) or allcnn train's augmenting pipeline.")
+@click.option("--deterministic/--no-deterministic", default=True, show_default=True,
+              help="TensorFlow op determinism on the CPU, as allcnn train uses.")
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def benchmark(precision, batch_sizes, steps, repeats, intra_threads, inter_threads, feed, deterministic, device,
+              as_json) -> None:
+    """Measure training and inference speed here, against this machine's matmul ceiling.
+
+    \b
+    Example:
+      allcnn benchmark --precision all --batch-size 64 --batch-size 128
+    """
+    import json
+
+    with user_errors():
+        from allcnn.benchmark import format_table, run_benchmark
+
+        result = run_benchmark(precision, tuple(batch_sizes), steps=steps, repeats=repeats, intra_threads=intra_threads,
+                               inter_threads=inter_threads, feed=feed, device=device or "auto",
+                               deterministic=deterministic)
+    click.echo(json.dumps(result) if as_json else format_table(result))
+
+
+weights_options = [
+    click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
+                 help="Keras 3 .weights.h5 (a run's best.weights.h5), .keras, or Keras 2 .hdf5 "
+                      "[default: the shipped weights in weights/manifest.json].",),
+    click.option("--variant", type=click.Choice(["paper", "tutorial"]),
+                 help="Model variant, when no config.toml lies beside --weights."),
+    click.option("--preprocessing-json", type=click.Path(path_type=Path, dir_okay=False),
+                 help="The run's preprocessing.json, when none lies beside --weights."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True),
+    click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True,
+                 help="float32 reproduces the recorded accuracy exactly; auto: bf16 where native."),
+    click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+    device_option,
+]
+
+
+def _with_weights_options(command):
+    for option in reversed(weights_options):
+        command = option(command)
+    return command
+
+
+@main.command()
+@_with_weights_options
+@data_dir_option
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
+              help="val: the run's 5,000 held-out training images.")
+@click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write a confusion-matrix PNG.")
+def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_json, device, data_dir, split, plot):
+    """Loss, top-1, top-5 and per-class accuracy of weights on CIFAR-10.
+
+    \b
+    Example:
+      allcnn evaluate --weights runs/paper/best.weights.h5 --data-dir ../shared/data
+    """
+    import json
+
+    with user_errors():
+        from allcnn.evaluation import evaluate as run_evaluation
+
+        result = run_evaluation(weights, data_dir=data_dir, split=split, batch_size=batch_size,
+                                precision=precision, device=device or "auto", variant=variant,
+                                preprocessing_json=preprocessing_json)
+        if plot:
+            from allcnn.data import CLASS_NAMES
+            from allcnn.plots import plot_confusion
+
+            plot_confusion(result["confusion"], CLASS_NAMES, plot,
+                           f"{Path(result['weights']).name} on {split}: top-1 {result['top1']:.2%}")
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"weights: {result['weights']} ({result['variant']}, {result['precision']}, {result['device']})")
+    click.echo(f"{split}: {result['images']} images in {result['seconds']:.2f} s ({result['images_per_second']:.0f} images/s)")
+    click.echo(f"loss {result['loss']:.4f}   top-1 {result['top1']:.2%}   top-5 {result['top5']:.2%}")
+    click.echo(f"{'class':<12}accuracy")
+    for name, accuracy in result["per_class"].items():
+        click.echo(f"{name:<12}{accuracy:>8.2%}")
+    if plot:
+        click.echo(f"confusion matrix: {plot}")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@_with_weights_options
+@click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
+def predict(inputs, weights, variant, preprocessing_json, batch_size, precision, as_json, device, top_k):
+    """Classify images (files, folders or globs; any format Pillow reads).
+
+    Bad files get one line on stderr; the others are still classified and
+    the exit status is 1.
+    """
+    import json
+
+    from allcnn.prediction import predict as run_prediction
+
+    failed = False
+    with user_errors():
+        for result in run_prediction(inputs, weights, top_k=top_k, batch_size=batch_size, precision=precision,
+                                     device=device or "auto", variant=variant, preprocessing_json=preprocessing_json):
+            if "error" in result:
+                failed = True
+                click.echo(f"error: {result['error']}", err=True)
+            elif as_json:
+                click.echo(json.dumps(result))
+            else:
+                top = "  ".join(f"{t['class']} {t['probability']:.1%}" for t in result["top"])
+                click.echo(f"{result['path']}  {top}")
+    if failed:
+        raise SystemExit(1)

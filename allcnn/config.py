@@ -1,0 +1,148 @@
+"""Training recipes: TOML files in `configs/`, overridden by command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SCHEDULES = ("step", "cosine", "onecycle", "constant")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+DEVICES = ("auto", "cpu", "gpu")
+
+
+class ConfigError(ValueError):
+    """A recipe key or flag has a wrong name, type or value."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; written to the run folder."""
+
+    variant: str = "paper"
+    epochs: int = 350
+    batch_size: int = 128
+    lr: float = 0.05
+    schedule: str = "step"
+    milestones: list[int] = field(default_factory=lambda: [200, 250, 300])
+    lr_decay_factor: float = 0.1
+    warmup_epochs: int = 0
+    time_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.001
+    label_smoothing: float = 0.0
+    augment: bool = True
+    flip: bool = True
+    translate: int = 5
+    preprocessing: str = "standardize"
+    input_dropout: float = 0.2
+    dropout: float = 0.5
+    kernel_initializer: str = "he_normal"
+    batch_norm: bool = False
+    val_size: int = 5000
+    seed: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+
+    def validate(self) -> "TrainConfig":
+        """Checks values, naming the offending key."""
+        from allcnn.model import VARIANTS
+        from allcnn.preprocessing import METHODS
+
+        choices = {
+            "variant": VARIANTS,
+            "schedule": SCHEDULES,
+            "precision": PRECISIONS,
+            "device": DEVICES,
+            "preprocessing": METHODS,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        for key in ("lr", "weight_decay", "time_decay", "warmup_epochs", "translate", "val_size"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must not be negative, got {getattr(self, key)}")
+        for key in ("label_smoothing", "input_dropout", "dropout", "momentum"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be in [0, 1), got {getattr(self, key)}")
+        if self.warmup_epochs >= self.epochs and self.schedule != "constant":
+            raise ConfigError(f"warmup_epochs: {self.warmup_epochs} leaves no epoch after warm-up of {self.epochs}")
+        return self
+
+    def to_toml(self) -> str:
+        """The resolved recipe as TOML (flat scalars and lists only)."""
+        return "".join(f"{k} = {_toml_value(v)}\n" for k, v in dataclasses.asdict(self).items())
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def _check_type(key: str, value, expected: type) -> object:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if expected is list:
+        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+_TYPE_NAMES = {"str": str, "int": int, "float": float, "bool": bool, "list[int]": list}
+_TYPES = {f.name: _TYPE_NAMES[f.type] for f in fields(TrainConfig)}
+
+
+def make_config(base: dict | None = None, **overrides) -> TrainConfig:
+    """Builds a validated config from a recipe dict plus overrides (None = keep)."""
+    values = dict(base or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - set(_TYPES))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(_TYPES)})")
+    checked = {k: _check_type(k, v, _TYPES[k]) for k, v in values.items()}
+    return TrainConfig(**checked).validate()
+
+
+def read_recipe(path: str | os.PathLike) -> dict:
+    """Reads a TOML recipe file into a dict (validated by `make_config`)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConfig:
+    """Reads a recipe (a path, or a name in `configs/` such as `paper`) and applies overrides."""
+    return make_config(read_recipe(find_recipe(path)) if path else {}, **overrides)
+
+
+def find_recipe(name_or_path: str | os.PathLike) -> Path:
+    """A path as given, else a recipe shipped in `configs/` by its name."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix:
+        return path
+    from allcnn.resources import configs_dir
+
+    return configs_dir() / f"{name_or_path}.toml"

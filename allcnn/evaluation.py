@@ -1,0 +1,69 @@
+"""`allcnn evaluate`: loss, top-1/top-5 and per-class accuracy on a CIFAR-10 split."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from allcnn.inference import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION, load_classifier
+
+SPLITS = ("test", "val")
+
+
+def metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict:
+    """Cross-entropy loss, top-1, top-5, per-class accuracy and the confusion matrix."""
+    from allcnn.data import CLASS_NAMES
+
+    labels = np.asarray(labels, dtype=np.int64)
+    picked = probabilities[np.arange(len(labels)), labels].astype(np.float64)
+    top5 = np.argsort(-probabilities, axis=1)[:, :5]
+    predicted = top5[:, 0]
+    classes = len(CLASS_NAMES)
+    confusion = np.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
+    per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
+    return {
+        "loss": float(-np.log(np.clip(picked, 1e-7, 1.0)).mean()),
+        "top1": float((predicted == labels).mean()),
+        "top5": float((top5 == labels[:, None]).any(axis=1).mean()),
+        "per_class": dict(zip(CLASS_NAMES, per_class.round(6).tolist())),
+        "confusion": confusion.tolist(),
+    }
+
+
+def evaluate(
+    weights: str | os.PathLike | None = None,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "test",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    precision: str = DEFAULT_PRECISION,
+    device: str = "auto",
+    variant: str | None = None,
+    preprocessing_json: str | os.PathLike | None = None,
+    weights_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Evaluates weights on the test split or the run's held-out validation split.
+
+    `val` rebuilds the validation images with the run's `val_size` and `seed`
+    (from its config.toml or the manifest), so they are the ones training held out.
+    """
+    from allcnn import data
+
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    classifier = load_classifier(weights, variant=variant, preprocessing_json=preprocessing_json,
+                                 precision=precision, device=device, weights_dir=weights_dir)
+    (x_train, y_train), (x, y) = data.load_cifar10(data_dir)
+    if split == "val":
+        if not classifier.spec.val_size:
+            raise ValueError("this run held out no validation images (val_size = 0); use --split test")
+        _, (x, y) = data.train_val_split(x_train, y_train, classifier.spec.val_size, classifier.spec.seed)
+    start = time.perf_counter()
+    probabilities = classifier.probabilities(x, batch_size)
+    seconds = time.perf_counter() - start
+    return {"weights": str(classifier.spec.path), "variant": classifier.spec.variant, "split": split,
+            "images": len(x), **metrics(probabilities, y), "seconds": round(seconds, 3),
+            "images_per_second": round(len(x) / seconds, 1), "precision": classifier.precision,
+            "device": classifier.device}

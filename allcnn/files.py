@@ -1,0 +1,47 @@
+"""Atomic file writes: a crash leaves the old file or the new one, never half."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
+    """Yields a temp path beside `path`; on success fsyncs it and renames it over.
+
+    `suffix` keeps an extension a writer insists on (Keras wants `.weights.h5`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def atomic_save_weights(model, path: str | os.PathLike) -> None:
+    """`model.save_weights` through a temp file, so a kill never truncates `path`."""
+    with atomic_write(path, suffix=".weights.h5") as tmp:
+        model.save_weights(tmp, overwrite=True)

@@ -1,0 +1,115 @@
+"""The fast inference path shared by `evaluate` and `predict`.
+
+`Classifier` bundles a model, its preprocessing and a compiled forward pass,
+and maps uint8 images to float32 class probabilities in batches.
+
+Precision: the default is float32, not `auto`. At inference a batch of 32x32
+images is cheap in any precision, while float32 reproduces the accuracy
+recorded in the manifest and in training exactly and gives the same
+probabilities on every machine; bf16 rounds activations to 8 bits of mantissa,
+which moves probabilities and can flip close top-1 calls. `--precision auto`
+(bf16 where the hardware has it natively) or an explicit policy trades that
+for speed on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator
+
+import numpy as np
+
+from allcnn.preprocessing import Preprocessing
+from allcnn.weights_io import WeightsSpec, resolve_weights
+
+INFERENCE_PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+DEFAULT_PRECISION = "float32"
+DEFAULT_BATCH_SIZE = 256
+
+
+@contextlib.contextmanager
+def dtype_policy(policy: str) -> Iterator[None]:
+    """Builds under `policy`, then restores the global one (notebooks keep theirs)."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def compile_forward(model) -> Callable[[np.ndarray], np.ndarray]:
+    """A compiled `model(x, training=False)` returning float32 numpy probabilities.
+
+    Under TensorFlow a `tf.function` with a fixed input signature (any batch
+    size) traces once, and skips the per-call overhead of `model.predict`.
+    Other backends use `predict_on_batch`, which Keras compiles for them.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return lambda x: np.asarray(model.predict_on_batch(x), dtype=np.float32)
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+    forward = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    return lambda x: np.asarray(forward(x), dtype=np.float32)
+
+
+class Classifier:
+    """A model ready for inference on uint8 images (N, 32, 32, 3).
+
+    Args:
+        model: a built Keras model ending in softmax.
+        preprocessing: the training preprocessing, replayed on every batch.
+        spec: where the weights came from (for reports), if known.
+        precision: the dtype policy the model was built under.
+        device: the device description (for reports).
+    """
+
+    def __init__(self, model, preprocessing: Preprocessing, *, spec: WeightsSpec | None = None,
+                 precision: str = DEFAULT_PRECISION, device: str = ""):
+        self.model, self.preprocessing, self.spec = model, preprocessing, spec
+        self.precision, self.device = precision, device
+        self._forward = compile_forward(model)
+
+    def probabilities(self, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """float32 (N, classes): preprocessing and forward pass, batch by batch."""
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        classes = self.model.output_shape[-1]
+        out = np.empty((len(images), classes), dtype=np.float32)
+        for start in range(0, len(images), batch_size):
+            batch = self.preprocessing(images[start : start + batch_size])
+            out[start : start + len(batch)] = self._forward(batch)
+        return out
+
+
+def load_classifier(
+    weights: str | os.PathLike | None = None,
+    *,
+    variant: str | None = None,
+    preprocessing_json: str | os.PathLike | None = None,
+    precision: str = DEFAULT_PRECISION,
+    device: str = "auto",
+    weights_dir: str | os.PathLike | None = None,
+) -> Classifier:
+    """Resolves the weights (see `resolve_weights`), builds the model and loads them.
+
+    Raises:
+        WeightsError, DeviceError, ValueError: with a one-line message.
+    """
+    from allcnn import hardware
+    from allcnn.model import build_model
+
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(INFERENCE_PRECISIONS)}")
+    spec = resolve_weights(weights, variant=variant, preprocessing_json=preprocessing_json, weights_dir=weights_dir)
+    gpu = hardware.select_device(device)
+    policy = hardware.choose_precision(gpu)[0] if precision == "auto" else precision
+    with dtype_policy(policy):
+        model = build_model(spec.variant, **spec.architecture, weights=spec.path)
+    return Classifier(model, spec.preprocessing, spec=spec, precision=policy, device=hardware.describe(gpu))

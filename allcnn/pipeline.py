@@ -1,0 +1,112 @@
+"""The training input pipeline: shuffled, augmented batches as a PyDataset.
+
+Everything random is keyed by (seed, epoch, batch index) with numpy's
+stateless-by-construction generators, so batch `i` of epoch `e` is the same
+whichever process or worker builds it: a resumed run sees exactly the data an
+uninterrupted one would. Pure numpy, so it runs under every Keras backend (the
+GPU machines have JAX but no TensorFlow).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from allcnn.preprocessing import Preprocessing
+
+
+def augment(images: np.ndarray, rng: np.random.Generator, flip: bool, translate: int) -> np.ndarray:
+    """Random horizontal flips and translations up to `translate` pixels.
+
+    Translations pad with zeros (the training mean after standardization) and
+    crop back to the original size, as in the paper's "translations".
+    """
+    n, h, w, _ = images.shape
+    if flip:
+        flips = rng.random(n) < 0.5
+        images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+    if translate:
+        padded = np.pad(images, ((0, 0), (translate, translate), (translate, translate), (0, 0)))
+        dy, dx = rng.integers(0, 2 * translate + 1, size=(2, n))
+        rows = (dy[:, None] + np.arange(h))[:, :, None]
+        cols = (dx[:, None] + np.arange(w))[:, None, :]
+        images = padded[np.arange(n)[:, None, None], rows, cols]
+    return images
+
+
+class CifarBatches(keras.utils.PyDataset):
+    """Preprocessed (and optionally augmented) batches of one split.
+
+    Args:
+        images: uint8 images (N, 32, 32, 3).
+        labels: one-hot float32 labels (N, classes).
+        preprocessing: the fitted `Preprocessing`, applied once up front.
+        batch_size: images per batch; the last batch may be smaller.
+        shuffle, flip, translate: training-time randomness.
+        seed: the run's seed.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        preprocessing: Preprocessing,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        flip: bool = False,
+        translate: int = 0,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.x = preprocessing(images)
+        self.y = np.asarray(labels, dtype=np.float32)
+        self.batch_size = batch_size
+        self.shuffle, self.flip, self.translate, self.seed = shuffle, flip, translate, seed
+        self.epoch = 0
+        self._order = self._order_for(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Chooses the epoch whose order and augmentation the batches follow."""
+        self.epoch = epoch
+        self._order = self._order_for(epoch)
+
+    def _order_for(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.x))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        picked = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        x = self.x[picked]
+        if self.flip or self.translate:
+            rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+            x = augment(x, rng, self.flip, self.translate)
+        return x, self.y[picked]
+
+
+class EpochSeeder(keras.callbacks.Callback):
+    """Keys the pipeline and every Dropout layer's random stream to the epoch.
+
+    Keras does not save Dropout's `SeedGenerator` state nor a pipeline's
+    position, so after a resume both would replay epoch 0's randomness. Setting
+    them from (seed, epoch) at each epoch start makes a resumed run repeat the
+    uninterrupted one exactly.
+    """
+
+    def __init__(self, batches: CifarBatches, seed: int):
+        super().__init__()
+        self.batches, self.seed = batches, seed
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        self.batches.set_epoch(epoch)
+        for i, layer in enumerate(self.model.layers):
+            generator = getattr(layer, "seed_generator", None)
+            if generator is not None:
+                generator.state.assign(np.array([self.seed * 1000 + i, epoch], dtype=generator.state.dtype))

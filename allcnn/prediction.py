@@ -1,0 +1,146 @@
+"""`allcnn predict`: classify image files of any format and size.
+
+Images become CIFAR-like inputs: the first frame, EXIF orientation applied,
+converted to RGB (transparency composited on white, 16-bit modes scaled to
+8 bits rather than clipped), then resized (whole image, aspect not kept, so no
+object is cropped away) to 32x32 with Lanczos, an antialiasing filter;
+`reducing_gap` first box-reduces huge images, and JPEG `draft` decodes them at
+a reduced scale, both for speed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from allcnn.inference import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION, load_classifier
+
+SIZE = 32
+# Larger than any camera's photos (48 MP phones) yet a bound on decoding memory.
+MAX_PIXELS = 1 << 26
+
+
+class ImageError(ValueError):
+    """One input file cannot be used; the message names it."""
+
+
+def _to_rgb(image) -> "Image.Image":
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        scale = 257.0 if image.mode != "F" else 1.0
+        array = np.clip(np.asarray(image, dtype=np.float64) / scale, 0, 255)
+        image = Image.fromarray(array.round().astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """A uint8 (32, 32, 3) array from any image Pillow reads.
+
+    Raises:
+        ImageError: missing, empty, unreadable, truncated or oversized file.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise ImageError(f"{path}: {image.width}x{image.height} pixels is over the {MAX_PIXELS} limit "
+                                     "(a decompression bomb?)")
+                image.draft(None, (2 * SIZE, 2 * SIZE))
+                image = ImageOps.exif_transpose(_to_rgb(image))
+                return np.asarray(image.resize((SIZE, SIZE), Image.Resampling.LANCZOS, reducing_gap=3.0))
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image Pillow can read") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: refused as a decompression bomb ({e})") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types for broken files.
+        raise ImageError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def _image_suffixes() -> set[str]:
+    from PIL import Image
+
+    return set(Image.registered_extensions())
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> Iterator[Path | ImageError]:
+    """Files as given, directories as their image files, globs as matches; sorted, in input order."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in _image_suffixes() and p.is_file())
+            yield from files or [ImageError(f"{path}: no image files in this folder")]
+        elif path.exists() or not glob.has_magic(str(item)):
+            yield path
+        else:
+            yield from [Path(p) for p in sorted(glob.glob(str(item)))] or [ImageError(f"{item}: no files match")]
+
+
+def predict(
+    inputs: Iterable[str | os.PathLike],
+    weights: str | os.PathLike | None = None,
+    *,
+    top_k: int = 3,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    precision: str = DEFAULT_PRECISION,
+    device: str = "auto",
+    variant: str | None = None,
+    preprocessing_json: str | os.PathLike | None = None,
+    weights_dir: str | os.PathLike | None = None,
+) -> Iterator[dict]:
+    """Yields, in input order, `{"path", "top": [{"class", "probability"}]}` or `{"path", "error"}`.
+
+    Images are decoded and classified `batch_size` at a time, so a folder of
+    any size streams with bounded memory.
+    """
+    from allcnn.data import CLASS_NAMES
+
+    classifier = load_classifier(weights, variant=variant, preprocessing_json=preprocessing_json,
+                                 precision=precision, device=device, weights_dir=weights_dir)
+    pending: list[Path | ImageError] = []
+
+    def flush() -> Iterator[dict]:
+        loaded = {}
+        for item in pending:
+            if isinstance(item, Path):
+                try:
+                    loaded[item] = load_image(item)
+                except ImageError as e:
+                    loaded[item] = e
+        good = [p for p, v in loaded.items() if not isinstance(v, ImageError)]
+        probabilities = classifier.probabilities(np.stack([loaded[p] for p in good])) if good else []
+        by_path = dict(zip(good, probabilities))
+        for item in pending:
+            failure = item if isinstance(item, ImageError) else loaded[item]
+            if isinstance(failure, ImageError):
+                yield {"path": str(item) if isinstance(item, Path) else None, "error": str(failure)}
+                continue
+            order = np.argsort(-by_path[item])[:top_k]
+            yield {"path": str(item), "top": [{"class": CLASS_NAMES[i], "probability": round(float(by_path[item][i]), 6)}
+                                              for i in order]}
+        pending.clear()
+
+    for item in expand_inputs(inputs):
+        pending.append(item)
+        if len(pending) == batch_size:
+            yield from flush()
+    yield from flush()

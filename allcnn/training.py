@@ -1,0 +1,317 @@
+"""`allcnn train`: SGD-Nesterov training of All-CNN-C into a run folder.
+
+A run folder holds everything a user looks for afterwards (see `RUN_FILES`)
+and can be resumed exactly after any interruption, kill -9 included.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import ops
+
+from allcnn import data, hardware
+from allcnn.config import TrainConfig
+from allcnn.files import atomic_save_weights, atomic_write, atomic_write_text
+from allcnn.model import build_model
+from allcnn.pipeline import CifarBatches, EpochSeeder
+from allcnn.preprocessing import Preprocessing, fit_preprocessing
+
+RUN_FILES = (
+    "config.toml",
+    "history.csv",
+    "preprocessing.json",
+    "best.weights.h5",
+    "last.weights.h5",
+    "curves.png",
+    "summary.json",
+)
+BACKUP = "backup"
+
+
+class RunError(RuntimeError):
+    """The run folder is not in a state that allows what was asked."""
+
+
+@keras.saving.register_keras_serializable("allcnn")
+class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """The lr per step: linear warm-up, then `step`, `cosine`, `onecycle` or `constant`.
+
+    `step` multiplies by `decay_factor` at each epoch in `milestones` (the
+    paper's x0.1 at 200, 250, 300); `cosine` anneals to 0 at the last step;
+    `onecycle` rises linearly for the warm-up (30% of the run if none is
+    given) and falls linearly to 0. `time_decay` is Keras 2's `decay`:
+    lr / (1 + time_decay * step).
+    """
+
+    def __init__(self, lr, steps_per_epoch, epochs, schedule="step", warmup_epochs=0,
+                 milestones=(), decay_factor=0.1, time_decay=0.0):
+        self.lr, self.steps_per_epoch, self.epochs = lr, steps_per_epoch, epochs
+        self.schedule, self.warmup_epochs = schedule, warmup_epochs
+        self.milestones, self.decay_factor, self.time_decay = list(milestones), decay_factor, time_decay
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        total = float(self.epochs * self.steps_per_epoch)
+        warmup = float(self.warmup_epochs * self.steps_per_epoch)
+        if self.schedule == "onecycle" and not warmup:
+            warmup = 0.3 * total
+        progress = ops.clip((step - warmup) / max(total - warmup, 1.0), 0.0, 1.0)
+        if self.schedule == "step":
+            epoch = ops.floor(step / self.steps_per_epoch)
+            passed = sum(ops.cast(epoch >= m, "float32") for m in self.milestones)
+            factor = ops.power(self.decay_factor, passed)
+        elif self.schedule == "cosine":
+            factor = 0.5 * (1.0 + ops.cos(math.pi * progress))
+        elif self.schedule == "onecycle":
+            factor = 1.0 - progress
+        else:
+            factor = ops.ones_like(step)
+        if warmup:
+            factor = factor * ops.minimum(1.0, (step + 1.0) / warmup)
+        return self.lr * factor / (1.0 + self.time_decay * step)
+
+    def get_config(self):
+        return {"lr": self.lr, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
+                "schedule": self.schedule, "warmup_epochs": self.warmup_epochs,
+                "milestones": self.milestones, "decay_factor": self.decay_factor,
+                "time_decay": self.time_decay}
+
+
+class EpochStats(keras.callbacks.Callback):
+    """Adds the epoch's learning rate and wall time to the logs (so to history.csv)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._lr = float(ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["lr"] = self._lr
+        logs["epoch_seconds"] = time.perf_counter() - self._start
+
+
+class NanStop(keras.callbacks.TerminateOnNaN):
+    """TerminateOnNaN that remembers it fired, so the CLI can explain why."""
+
+    fired = False
+
+    def on_batch_end(self, batch, logs=None):
+        super().on_batch_end(batch, logs)
+        self.fired = self.fired or bool(self.model.stop_training)
+
+
+class AtomicCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint whose weight files are replaced atomically."""
+
+    def _save_model(self, epoch, batch, logs):
+        filepath = self._get_file_path(epoch, batch, logs)
+        if self._should_save_model(epoch, batch, logs, filepath):
+            atomic_save_weights(self.model, filepath)
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore with atomic writes: weights first, then the epoch marker.
+
+    Keras writes both files in place, so a kill mid-write leaves a truncated
+    file that cannot be restored. Here each lands by rename, and the marker
+    only names an epoch once its weights are complete.
+    """
+
+    def _save_model(self):
+        atomic_save_weights(self.model, self._weights_path)
+        atomic_write_text(self._training_metadata_path,
+                          json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
+
+
+def tensorboard(logdir: Path) -> list[keras.callbacks.Callback]:
+    """Keras' TensorBoard callback writes through TensorFlow; skip it where there is none (JAX-only GPU hosts)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:
+        print("note: TensorFlow is not installed, so no TensorBoard logs are written")
+        return []
+    return [keras.callbacks.TensorBoard(str(logdir))]
+
+
+def restored_epoch(run: Path) -> int:
+    """How many epochs the backup in `run` holds (0 when there is none)."""
+    marker = run / BACKUP / "training_metadata.json"
+    return json.loads(marker.read_text())["epoch"] if marker.exists() else 0
+
+
+def trim_history(path: Path, epochs: int) -> list[dict]:
+    """Keeps the header and one complete row for each of the first `epochs` epochs.
+
+    An interrupted run may have logged an epoch whose backup never landed, or
+    a partial last line; without trimming, the resumed run duplicates it.
+    """
+    if not path.exists():
+        return []
+    header, *lines = [line for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")] or [""]
+    kept_lines, kept = [], []
+    for line, row in zip(lines, csv.DictReader(io.StringIO(header + "".join(lines)))):
+        if int(row["epoch"]) == len(kept) < epochs:
+            kept_lines.append(line)
+            kept.append(row)
+    atomic_write_text(path, header + "".join(kept_lines) if kept else "")
+    return kept
+
+
+def prepare_run(out: Path, config: TrainConfig | None, resume: bool, overwrite: bool) -> TrainConfig:
+    """Creates, reuses or refuses the run folder; returns the run's config."""
+    from allcnn.config import load_config
+
+    if resume:
+        if not (out / "config.toml").exists():
+            raise RunError(f"--resume: no run in {out} (no config.toml); start one without --resume")
+        return load_config(out / "config.toml")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunError(f"{out} already holds a run; use --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.toml", config.to_toml())
+    return config
+
+
+def load_splits(config: TrainConfig, data_dir) -> tuple[tuple, tuple, tuple]:
+    """Train, validation and test splits of CIFAR-10 (uint8 images, int labels)."""
+    (x, y), test = data.load_cifar10(data_dir)
+    train, val = data.train_val_split(x, y, config.val_size, config.seed)
+    return train, val, test
+
+
+def _configure(config: TrainConfig):
+    """Seeds, device and precision: must happen before the model is built."""
+    keras.utils.set_random_seed(config.seed)
+    gpu = hardware.select_device(config.device)
+    if keras.backend.backend() == "tensorflow" and gpu is None:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    policy, reason = hardware.resolve_precision(config.precision, gpu)
+    keras.config.set_dtype_policy(policy)
+    print(f"device: {hardware.describe(gpu)} ({keras.backend.backend()} backend)")
+    print(f"precision: {policy} ({reason})")
+    return gpu, policy
+
+
+def compile_model(config: TrainConfig, steps_per_epoch: int) -> keras.Model:
+    model = build_model(
+        config.variant,
+        input_dropout=config.input_dropout,
+        dropout=config.dropout,
+        weight_decay=config.weight_decay,
+        kernel_initializer=config.kernel_initializer,
+        batch_norm=config.batch_norm,
+        seed=config.seed,
+    )
+    schedule = LearningRate(config.lr, steps_per_epoch, config.epochs, config.schedule, config.warmup_epochs,
+                            config.milestones, config.lr_decay_factor, config.time_decay)
+    model.compile(
+        optimizer=keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=config.nesterov),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def train(config: TrainConfig | None, out, *, data_dir=None, resume: bool = False,
+          overwrite: bool = False, test: bool = False) -> dict:
+    """Trains (or resumes) a run in `out`; returns its summary.
+
+    Raises:
+        RunError, data.DataError, hardware.DeviceError: with a one-line message.
+    """
+    out = Path(out)
+    config = prepare_run(out, config, resume, overwrite)
+    train_split, val_split, test_split = load_splits(config, data_dir)
+    gpu, policy = _configure(config)
+
+    prep_path = out / "preprocessing.json"
+    if prep_path.exists():
+        prep = Preprocessing.load(prep_path)
+    else:
+        prep = fit_preprocessing(config.preprocessing, train_split[0])
+        prep.save(prep_path)
+    one_hot = lambda y: keras.utils.to_categorical(y, len(data.CLASS_NAMES))  # noqa: E731
+    augment = config.augment
+    train_batches = CifarBatches(train_split[0], one_hot(train_split[1]), prep, config.batch_size, shuffle=True,
+                                 flip=augment and config.flip, translate=config.translate if augment else 0,
+                                 seed=config.seed)
+    val_batches = CifarBatches(val_split[0], one_hot(val_split[1]), prep, 500)
+    model = compile_model(config, len(train_batches))
+
+    start_epoch = restored_epoch(out)
+    history = trim_history(out / "history.csv", start_epoch)
+    best = max((float(row["val_accuracy"]) for row in history), default=None)
+    nan_stop = NanStop()
+    callbacks = [
+        EpochSeeder(train_batches, config.seed),
+        EpochStats(),
+        nan_stop,
+        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+        AtomicCheckpoint(str(out / "best.weights.h5"), monitor="val_accuracy", mode="max",
+                         save_best_only=True, save_weights_only=True, initial_value_threshold=best),
+        AtomicCheckpoint(str(out / "last.weights.h5"), save_weights_only=True),
+        *tensorboard(out / "logs"),
+        # Last, so that an epoch is only marked done once everything above is written.
+        AtomicBackupAndRestore(str(out / BACKUP), delete_checkpoint=False),
+    ]
+    started = time.perf_counter()
+    # shuffle=False: CifarBatches shuffles itself, keyed by (seed, epoch); Keras would
+    # reorder batches with Python's global random state, which no resume restores.
+    model.fit(train_batches, validation_data=val_batches, epochs=config.epochs, callbacks=callbacks, shuffle=False,
+              verbose=1 if sys.stdout.isatty() else 2)
+    elapsed = time.perf_counter() - started
+    if nan_stop.fired:
+        raise RunError(f"the loss became NaN; the learning rate ({config.lr}) is probably too high: try a smaller --lr "
+                       f"or more --warmup-epochs. The last good weights are in {out / 'last.weights.h5'}")
+
+    history = trim_history(out / "history.csv", restored_epoch(out))
+    from allcnn.plots import plot_history
+
+    plot_history(history, out / "curves.png")
+    summary = write_summary(out, config, history, policy, gpu, len(train_split[0]), start_epoch, elapsed)
+    if test:
+        summary["test_accuracy"] = evaluate_test(out, test_split, prep, config)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def write_summary(out: Path, config: TrainConfig, history: list[dict], policy: str, gpu, n_train: int,
+                  start_epoch: int, elapsed: float) -> dict:
+    """summary.json: totals over all sessions of the run, plus this session's speed."""
+    seconds = sum(float(row["epoch_seconds"]) for row in history)
+    new_epochs = len(history) - start_epoch
+    summary = {
+        "epochs": len(history),
+        "planned_epochs": config.epochs,
+        "train_seconds": round(seconds, 1),
+        "images_per_second": round(n_train * new_epochs / elapsed, 1) if new_epochs else None,
+        "precision": policy,
+        "device": hardware.describe(gpu),
+        "backend": keras.backend.backend(),
+        "best_val_accuracy": max((float(row["val_accuracy"]) for row in history), default=None),
+        "last_val_accuracy": float(history[-1]["val_accuracy"]) if history else None,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def evaluate_test(out: Path, test_split: tuple, prep: Preprocessing, config: TrainConfig) -> float:
+    """Top-1 accuracy of `best.weights.h5` on the test split (only when asked)."""
+    model = compile_model(config, 1)
+    model.load_weights(out / "best.weights.h5")
+    x, y = test_split
+    batches = CifarBatches(x, keras.utils.to_categorical(y, len(data.CLASS_NAMES)), prep, 500)
+    return float(model.evaluate(batches, verbose=0, return_dict=True)["accuracy"])

@@ -1,0 +1,152 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from allcnn.data import DataError, load_cifar10, train_val_split
+from allcnn.pipeline import CifarBatches, augment
+from allcnn.preprocessing import Preprocessing, fit_preprocessing
+from conftest import SHARED_DATA
+
+
+def _check(train, test, n_train=200, n_test=40):
+    (x, y), (xt, yt) = train, test
+    assert x.shape == (n_train, 32, 32, 3) and x.dtype == np.uint8
+    assert xt.shape == (n_test, 32, 32, 3) and y.dtype == np.int64
+    assert set(np.unique(y)) <= set(range(10))
+
+
+@pytest.mark.parametrize("sub", ["", "cifar-10-batches-py"])
+def test_loads_folder_or_parent(cifar_dir, sub):
+    _check(*load_cifar10(cifar_dir / sub))
+
+
+def test_loads_tar_gz_without_extracting(cifar_archive):
+    before = set(cifar_archive.parent.iterdir())
+    _check(*load_cifar10(cifar_archive))
+    _check(*load_cifar10(cifar_archive.parent))  # the archive's folder works too
+    assert set(cifar_archive.parent.iterdir()) == before
+
+
+def test_env_var(cifar_dir, monkeypatch):
+    monkeypatch.setenv("ALLCNN_DATA_DIR", str(cifar_dir))
+    _check(*load_cifar10())
+
+
+def test_pixel_layout_matches_official_planes(cifar_dir):
+    folder = cifar_dir / "cifar-10-batches-py"
+    with open(folder / "data_batch_1", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")[b"data"][0]
+    (x, _), _ = load_cifar10(cifar_dir)
+    np.testing.assert_array_equal(x[0, :, :, 0].ravel(), raw[:1024])  # R plane, row-major
+    np.testing.assert_array_equal(x[0, :, :, 2].ravel(), raw[2048:])
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_malicious_pickle_refused_and_payload_never_runs(cifar_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open(cifar_dir / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": _Payload(), b"labels": []}, f)
+    with pytest.raises(DataError, match=r"data_batch_3.*refusing to load (posix|os)\.system"):
+        load_cifar10(cifar_dir)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_truncated_batch_names_file(cifar_dir):
+    path = cifar_dir / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(DataError, match="data_batch_2: truncated or corrupt"):
+        load_cifar10(cifar_dir)
+
+
+def test_bad_shape_and_labels_and_meta(cifar_dir):
+    folder = cifar_dir / "cifar-10-batches-py"
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}, f)
+    with pytest.raises(DataError, match=r"test_batch: b'data' must be uint8 of shape \(N, 3072\)"):
+        load_cifar10(cifar_dir)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, f)
+    with pytest.raises(DataError, match="labels outside 0..9"):
+        load_cifar10(cifar_dir)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"a"] * 10}, f)
+    with pytest.raises(DataError, match="class names"):
+        load_cifar10(cifar_dir)
+
+
+def test_missing_everything_gives_one_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="no CIFAR-10 found in .*--data-dir|expected a cifar-10-batches-py"):
+        load_cifar10(tmp_path)
+    monkeypatch.delenv("ALLCNN_DATA_DIR", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setattr("keras.datasets.cifar10.load_data", lambda: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(DataError, match="CIFAR-10 not found.*Point --data-dir"):
+        load_cifar10()
+
+
+def test_train_val_split_is_seeded_and_disjoint():
+    x = np.arange(100).reshape(100, 1)
+    y = np.arange(100)
+    (xa, ya), (xv, yv) = train_val_split(x, y, 20, seed=3)
+    (_, ya2), (_, yv2) = train_val_split(x, y, 20, seed=3)
+    assert len(yv) == 20 and len(ya) == 80 and not set(ya) & set(yv)
+    np.testing.assert_array_equal(yv, yv2)
+    assert not np.array_equal(yv, train_val_split(x, y, 20, seed=4)[1][1])
+
+
+@pytest.mark.parametrize("method", ["scale", "standardize", "zca"])
+def test_preprocessing_roundtrip(method, tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    prep = fit_preprocessing(method, images)
+    out = prep(images)
+    assert out.dtype == np.float32 and out.shape == images.shape
+    if method == "standardize":
+        np.testing.assert_allclose(out.mean(axis=(0, 1, 2)), 0, atol=1e-4)
+        np.testing.assert_allclose(out.std(axis=(0, 1, 2)), 1, atol=1e-3)
+    prep.save(tmp_path / "preprocessing.json")
+    np.testing.assert_allclose(Preprocessing.load(tmp_path / "preprocessing.json")(images), out, rtol=1e-5, atol=1e-5)
+
+
+def test_augment_flips_and_translates():
+    images = np.arange(2 * 4 * 4 * 1, dtype=np.float32).reshape(2, 4, 4, 1) + 1
+    rng = np.random.default_rng(0)
+    out = augment(images, rng, flip=False, translate=1)
+    assert out.shape == images.shape
+    for original, shifted in zip(images, out):
+        # Every shifted image is a window of the zero-padded original.
+        padded = np.pad(original, ((1, 1), (1, 1), (0, 0)))
+        assert any(np.array_equal(padded[dy:dy + 4, dx:dx + 4], shifted) for dy in range(3) for dx in range(3))
+    flipped = augment(images, np.random.default_rng(1), flip=True, translate=0)
+    for original, f in zip(images, flipped):
+        assert np.array_equal(f, original) or np.array_equal(f, original[:, ::-1])
+
+
+def test_batches_depend_only_on_seed_epoch_and_index():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
+    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 50)]
+    prep = fit_preprocessing("scale", images)
+    make = lambda: CifarBatches(images, labels, prep, 16, shuffle=True, flip=True, translate=4, seed=7)  # noqa: E731
+    a, b = make(), make()
+    assert len(a) == 4 and len(a[3][0]) == 2
+    b.set_epoch(5)
+    b.set_epoch(2)
+    a.set_epoch(2)
+    np.testing.assert_array_equal(a[1][0], b[1][0])
+    a.set_epoch(3)
+    assert not np.array_equal(a[1][0], b[1][0])
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (SHARED_DATA / "cifar-10-batches-py").is_dir(), reason="../shared/data absent")
+def test_real_cifar10():
+    (x, y), (xt, yt) = load_cifar10(SHARED_DATA)
+    assert x.shape == (50000, 32, 32, 3) and xt.shape == (10000, 32, 32, 3)
+    assert np.bincount(y).tolist() == [5000] * 10
+    assert np.bincount(yt).tolist() == [1000] * 10

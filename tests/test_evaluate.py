@@ -1,0 +1,49 @@
+"""`allcnn evaluate`: the Python API, text, JSON and --plot outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from allcnn.cli import main
+from tests.helpers_weights import make_run
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("w"))
+
+
+def test_metrics_on_known_probabilities():
+    from allcnn.evaluation import metrics
+
+    probabilities = np.eye(10, dtype=np.float32)[[0, 1, 2, 2]]
+    result = metrics(probabilities, np.array([0, 1, 2, 3]))
+    assert result["top1"] == 0.75 and result["per_class"]["cat"] == 0.0 and result["confusion"][3][2] == 1
+
+
+def test_evaluate_api_val_split(weights, cifar_dir):
+    from allcnn.evaluation import evaluate
+
+    result = evaluate(weights, data_dir=cifar_dir, split="val", batch_size=16, device="cpu")
+    assert result["images"] == 20 and 0 <= result["top1"] <= result["top5"] <= 1
+
+
+def test_cli_text_json_and_plot(weights, cifar_dir, tmp_path):
+    args = ["evaluate", "--weights", str(weights), "--data-dir", str(cifar_dir), "--batch-size", "16"]
+    text = CliRunner().invoke(main, args + ["--plot", str(tmp_path / "c.png")])
+    assert text.exit_code == 0, text.output
+    assert "top-5" in text.output and "airplane" in text.output
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    as_json = CliRunner().invoke(main, args + ["--json"])
+    result = json.loads(as_json.output)
+    assert result["images"] == 40 and {"loss", "top1", "top5", "seconds", "images_per_second"} <= set(result)
+
+
+def test_cli_missing_default_weights(cifar_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALLCNN_WEIGHTS_DIR", str(tmp_path))
+    result = CliRunner().invoke(main, ["evaluate", "--data-dir", str(cifar_dir)])
+    assert result.exit_code == 1 and "--weights" in result.output and "Traceback" not in result.output

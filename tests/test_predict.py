@@ -1,0 +1,97 @@
+"""`allcnn predict`: image formats and modes, folders, bad files, output formats."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from allcnn.cli import main
+from tests.helpers_weights import make_run
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("w"))
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rgb.save(folder / "a.png")
+    rgb.convert("L").save(folder / "b_gray.jpg")
+    rgb.convert("P").save(folder / "c_palette.gif")
+    rgb.convert("RGBA").save(folder / "d_rgba.webp")
+    rgb.save(folder / "e.bmp")
+    rgb.convert("CMYK").save(folder / "f_cmyk.jpg")
+    Image.fromarray((rng.integers(0, 65536, (40, 40))).astype(np.uint16)).save(folder / "g_16bit.png")
+    return folder
+
+
+def test_load_image_modes(images):
+    from allcnn.prediction import load_image
+
+    for path in sorted(images.iterdir()):
+        array = load_image(path)
+        assert array.shape == (32, 32, 3) and array.dtype == np.uint8, path
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
+    from allcnn.prediction import load_image
+
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "mid.png")
+    assert abs(int(load_image(tmp_path / "mid.png")[0, 0, 0]) - 128) <= 1
+
+
+def test_transparent_is_white(tmp_path):
+    from allcnn.prediction import load_image
+
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert (load_image(tmp_path / "clear.png") == 255).all()
+
+
+def test_bad_files(tmp_path, monkeypatch):
+    from allcnn import prediction
+    from allcnn.prediction import ImageError, load_image
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    Image.new("RGB", (64, 64)).save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:60])
+    for name, reason in [("empty.png", "empty"), ("text.png", "not an image"), ("cut.png", "unreadable"), ("none.png", "no such")]:
+        with pytest.raises(ImageError, match=reason):
+            load_image(tmp_path / name)
+    monkeypatch.setattr(prediction, "MAX_PIXELS", 1000)
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(tmp_path / "full.png")
+    monkeypatch.setattr(prediction, "MAX_PIXELS", 1 << 26)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(tmp_path / "full.png")
+
+
+def test_cli_table_and_json_lines(weights, images):
+    files = sorted(images.iterdir())
+    text = CliRunner().invoke(main, ["predict", str(images), "--weights", str(weights), "--batch-size", "3"])
+    assert text.exit_code == 0, text.output
+    assert [line.split()[0] for line in text.output.splitlines()] == [str(p) for p in files]
+    lines = CliRunner().invoke(main, ["predict", str(images / "*.png"), "--weights", str(weights), "--json", "--top-k", "2"])
+    rows = [json.loads(line) for line in lines.output.splitlines()]
+    assert [r["path"] for r in rows] == [str(images / "a.png"), str(images / "g_16bit.png")]
+    assert len(rows[0]["top"]) == 2 and rows[0]["top"][0]["probability"] >= rows[0]["top"][1]["probability"]
+
+
+def test_cli_bad_files_exit_1_good_still_predicted(weights, images, tmp_path):
+    (tmp_path / "junk.jpg").write_bytes(b"junk")
+    runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
+    result = runner.invoke(main, ["predict", str(tmp_path / "junk.jpg"), str(images / "a.png"), str(tmp_path / "gone.png"),
+                                  "--weights", str(weights)])
+    assert result.exit_code == 1
+    assert result.stdout.startswith(str(images / "a.png"))
+    assert "junk.jpg" in result.stderr and "gone.png" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,165 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from allcnn.cli import main
+from allcnn.hardware import choose_precision, resolve_precision, Accelerator
+from allcnn.training import LearningRate, trim_history
+
+TINY = ["--epochs", "2", "--batch-size", "16", "--val-size", "40", "--precision", "float32", "--lr", "0.01"]
+
+
+def _train(*args):
+    return CliRunner().invoke(main, ["train", *args])
+
+
+def test_two_epochs_write_the_whole_run_folder(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    result = _train("--data-dir", str(cifar_dir), "--out", str(out), "--test", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "precision: float32 (requested)" in result.output
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["epochs"] == 2 and config["variant"] == "paper" and config["milestones"] == [200, 250, 300]
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr"} <= set(rows[0])
+    assert json.loads((out / "preprocessing.json").read_text())["method"] == "standardize"
+    for weights in ("best.weights.h5", "last.weights.h5"):
+        assert (out / weights).read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["precision"] == "float32"
+    assert 0 <= summary["test_accuracy"] <= 1 and summary["images_per_second"] > 0
+    assert summary["best_val_accuracy"] == max(float(r["val_accuracy"]) for r in rows)
+
+
+def test_existing_run_is_refused_and_kept(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = _train("--data-dir", str(cifar_dir), "--out", str(out), *TINY)
+    assert result.exit_code == 1 and "already holds a run" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    result = _train("--resume", "--out", str(tmp_path / "nothing"))
+    assert result.exit_code == 1 and "no run in" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "-3"], "Invalid value for '--epochs'"),
+    (["--precision", "fp8"], "Invalid value for '--precision'"),
+    (["--config", "missing.toml"], "missing.toml: config file not found"),
+])
+def test_bad_flags_exit_2(args, message, tmp_path):
+    result = _train("--out", str(tmp_path / "run"), *args)
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("line, message", [
+    ("epoch = 3", "epoch: unknown key"),
+    ("epochs = 'ten'", "epochs: expected int, got str"),
+    ("epochs = 0", "epochs: must be at least 1"),
+    ("schedule = 'linear'", "schedule: 'linear' is not one of"),
+    ("milestones = [1.5]", "milestones: expected list"),
+])
+def test_bad_config_names_the_key(line, message, tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(line + "\n")
+    result = _train("--config", str(recipe), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_resume_refuses_recipe_flags(tmp_path):
+    result = _train("--resume", "--lr", "0.1", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "drop --lr" in result.output
+
+
+def test_gpu_request_without_gpu(cifar_dir, tmp_path):
+    result = _train("--data-dir", str(cifar_dir), "--out", str(tmp_path / "run"), "--device", "gpu", *TINY)
+    assert result.exit_code == 1 and "sees no GPU" in result.output
+
+
+def test_auto_precision_with_cpu_flags_faked_both_ways():
+    assert choose_precision(None, {"avx2", "avx512_bf16"})[0] == "mixed_bfloat16"
+    assert choose_precision(None, {"avx2", "amx_bf16"})[0] == "mixed_bfloat16"
+    policy, reason = choose_precision(None, {"avx2", "fma"})
+    assert policy == "float32" and "no native bf16" in reason
+    assert choose_precision(Accelerator("H100", (9, 0)))[0] == "mixed_bfloat16"
+    assert choose_precision(Accelerator("T4", (7, 5)))[0] == "mixed_float16"
+    assert "WARNING" in resolve_precision("mixed_bfloat16", None, {"avx2"})[1]
+    assert "WARNING" not in resolve_precision("mixed_bfloat16", None, {"avx512_bf16"})[1]
+
+
+def test_learning_rate_schedules():
+    lr = lambda schedule, step, **kw: float(LearningRate(0.1, 10, 10, schedule, **kw)(step))  # noqa: E731
+    assert lr("step", 0, milestones=[2, 5]) == pytest.approx(0.1)
+    assert lr("step", 20, milestones=[2, 5]) == pytest.approx(0.01)
+    assert lr("step", 50, milestones=[2, 5]) == pytest.approx(0.001)
+    assert lr("cosine", 0) == pytest.approx(0.1)
+    assert lr("cosine", 50) == pytest.approx(0.05)
+    assert lr("cosine", 100) == pytest.approx(0.0, abs=1e-7)
+    assert lr("cosine", 9, warmup_epochs=2) == pytest.approx(0.1 * 10 / 20)
+    assert lr("onecycle", 30) == pytest.approx(0.1, rel=0.04)
+    assert lr("constant", 1000, time_decay=1e-3) == pytest.approx(0.05)
+
+
+def test_trim_history_drops_duplicates_and_partial_lines(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n2,0.8\n3,0.")
+    assert [r["epoch"] for r in trim_history(path, 3)] == ["0", "1", "2"]
+    assert path.read_text() == "epoch,loss\n0,1.0\n1,0.9\n2,0.8\n"
+
+
+def _run_cli(args, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.Popen([sys.executable, "-m", "allcnn", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _history(run: Path) -> list[dict]:
+    rows = list(csv.DictReader(open(run / "history.csv")))
+    for row in rows:
+        del row["epoch_seconds"]  # wall time differs, everything else must not
+    return rows
+
+
+@pytest.mark.slow
+def test_kill_9_during_epoch_2_then_resume_matches_uninterrupted(cifar_dir, tmp_path):
+    args = ["--data-dir", str(cifar_dir), "--epochs", "3", "--batch-size", "8", "--val-size", "40",
+            "--precision", "float32", "--schedule", "cosine", "--warmup-epochs", "1", "--lr", "0.01"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert _run_cli([*args, "--out", str(reference)]).wait() == 0
+
+    process = _run_cli([*args, "--out", str(killed)])
+    deadline = time.time() + 300
+    while "Epoch 2/3" not in (line := process.stdout.readline()):
+        assert line and time.time() < deadline, "the run never reached epoch 2"
+    time.sleep(1.0)  # well inside epoch 2
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(_history(killed)) == 1
+
+    resumed = _run_cli(["--resume", "--out", str(killed), "--data-dir", str(cifar_dir)])
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0, output
+    assert _history(killed) == _history(reference)
+    assert json.loads((killed / "summary.json").read_text())["epochs"] == 3
+
+
+def test_nan_loss_stops_with_advice(cifar_dir, tmp_path):
+    result = _train("--data-dir", str(cifar_dir), "--out", str(tmp_path / "run"), "--epochs", "2",
+                    "--batch-size", "16", "--val-size", "40", "--precision", "float32", "--lr", "1e12",
+                    "--schedule", "constant")
+    assert result.exit_code == 1, result.output
+    assert "the loss became NaN; the learning rate (1000000000000.0) is probably too high" in result.output
