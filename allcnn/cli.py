@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -18,6 +19,25 @@ from allcnn.config import DEVICES, PRECISIONS, SCHEDULES, ConfigError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+def _import_keras_quietly() -> None:
+    """Imports Keras (so TensorFlow) with stderr muted at the file-descriptor level.
+
+    TensorFlow's C++ start-up lines are printed before any log level applies and
+    would bury a command's one-line errors. Import errors still surface as
+    exceptions, reported after stderr is back.
+    """
+    if "keras" in sys.modules:
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import keras  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 @contextlib.contextmanager
 def user_errors():
     """Turns the package's expected errors into one line and a non-zero exit."""
@@ -25,6 +45,7 @@ def user_errors():
     from allcnn.hardware import DeviceError
 
     try:
+        _import_keras_quietly()
         yield
     except ConfigError as e:
         raise click.UsageError(str(e)) from None

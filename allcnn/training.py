@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 import keras
-import numpy as np
 from keras import ops
 
 from allcnn import data, hardware
 from allcnn.config import TrainConfig
-from allcnn.files import atomic_save_weights, atomic_write, atomic_write_text
+from allcnn.files import atomic_save_weights, atomic_write_text
 from allcnn.model import build_model
 from allcnn.pipeline import CifarBatches, EpochSeeder
 from allcnn.preprocessing import Preprocessing, fit_preprocessing
@@ -99,6 +98,20 @@ class EpochStats(keras.callbacks.Callback):
         logs["epoch_seconds"] = time.perf_counter() - self._start
 
 
+class CurvesPlotter(keras.callbacks.Callback):
+    """Redraws curves.png from history.csv after each epoch, so a running run shows its progress."""
+
+    def __init__(self, run: Path):
+        super().__init__()
+        self.run = run
+
+    def on_epoch_end(self, epoch, logs=None):
+        from allcnn.plots import plot_history
+
+        # Read only: CSVLogger keeps history.csv open for appending.
+        plot_history(read_history(self.run / "history.csv", epoch + 1), self.run / "curves.png")
+
+
 class NanStop(keras.callbacks.TerminateOnNaN):
     """TerminateOnNaN that remembers it fired, so the CLI can explain why."""
 
@@ -148,22 +161,34 @@ def restored_epoch(run: Path) -> int:
     return json.loads(marker.read_text())["epoch"] if marker.exists() else 0
 
 
-def trim_history(path: Path, epochs: int) -> list[dict]:
-    """Keeps the header and one complete row for each of the first `epochs` epochs.
-
-    An interrupted run may have logged an epoch whose backup never landed, or
-    a partial last line; without trimming, the resumed run duplicates it.
-    """
+def _history_rows(path: Path, epochs: int) -> tuple[str, list[str], list[dict]]:
+    """The header, then one complete line and row for each of the first `epochs` epochs."""
     if not path.exists():
-        return []
+        return "", [], []
     header, *lines = [line for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")] or [""]
     kept_lines, kept = [], []
     for line, row in zip(lines, csv.DictReader(io.StringIO(header + "".join(lines)))):
         if int(row["epoch"]) == len(kept) < epochs:
             kept_lines.append(line)
             kept.append(row)
-    atomic_write_text(path, header + "".join(kept_lines) if kept else "")
-    return kept
+    return header, kept_lines, kept
+
+
+def read_history(path: Path, epochs: int) -> list[dict]:
+    """history.csv's rows for the first `epochs` epochs, without touching the file."""
+    return _history_rows(path, epochs)[2]
+
+
+def trim_history(path: Path, epochs: int) -> list[dict]:
+    """Rewrites history.csv to one complete row for each of the first `epochs` epochs.
+
+    An interrupted run may have logged an epoch whose backup never landed, or
+    a partial last line; without trimming, the resumed run duplicates it.
+    """
+    header, lines, rows = _history_rows(path, epochs)
+    if path.exists():
+        atomic_write_text(path, header + "".join(lines) if rows else "")
+    return rows
 
 
 def prepare_run(out: Path, config: TrainConfig | None, resume: bool, overwrite: bool) -> TrainConfig:
@@ -263,6 +288,7 @@ def train(config: TrainConfig | None, out, *, data_dir=None, resume: bool = Fals
         AtomicCheckpoint(str(out / "best.weights.h5"), monitor="val_accuracy", mode="max",
                          save_best_only=True, save_weights_only=True, initial_value_threshold=best),
         AtomicCheckpoint(str(out / "last.weights.h5"), save_weights_only=True),
+        CurvesPlotter(out),
         *tensorboard(out / "logs"),
         # Last, so that an epoch is only marked done once everything above is written.
         AtomicBackupAndRestore(str(out / BACKUP), delete_checkpoint=False),
@@ -278,12 +304,9 @@ def train(config: TrainConfig | None, out, *, data_dir=None, resume: bool = Fals
                        f"or more --warmup-epochs. The last good weights are in {out / 'last.weights.h5'}")
 
     history = trim_history(out / "history.csv", restored_epoch(out))
-    from allcnn.plots import plot_history
-
-    plot_history(history, out / "curves.png")
     summary = write_summary(out, config, history, policy, gpu, len(train_split[0]), start_epoch, elapsed)
     if test:
-        summary["test_accuracy"] = evaluate_test(out, test_split, prep, config)
+        summary["test_accuracy"] = evaluate_test(out, test_split)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
@@ -308,10 +331,10 @@ def write_summary(out: Path, config: TrainConfig, history: list[dict], policy: s
     return summary
 
 
-def evaluate_test(out: Path, test_split: tuple, prep: Preprocessing, config: TrainConfig) -> float:
+def evaluate_test(out: Path, test_split: tuple) -> float:
     """Top-1 accuracy of `best.weights.h5` on the test split (only when asked)."""
-    model = compile_model(config, 1)
-    model.load_weights(out / "best.weights.h5")
+    from allcnn.evaluation import metrics
+    from allcnn.inference import load_classifier
+
     x, y = test_split
-    batches = CifarBatches(x, keras.utils.to_categorical(y, len(data.CLASS_NAMES)), prep, 500)
-    return float(model.evaluate(batches, verbose=0, return_dict=True)["accuracy"])
+    return metrics(load_classifier(out / "best.weights.h5").probabilities(x), y)["top1"]

@@ -1,0 +1,80 @@
+"""Turns a finished run into the shipped weights: weights/allcnn-c.weights.h5 + manifest.
+
+Saves the best weights without optimizer state, evaluates them with the same
+code as `allcnn evaluate` (full test set, and test images 0..999, which are
+exact CIFAR-10 pixels in ../shared/data), and records how they were produced.
+
+    python scripts/ship_weights.py RUN_DIR [--data-dir ../shared/data]
+"""
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from allcnn import hardware
+from allcnn.evaluation import evaluate, metrics
+from allcnn.files import atomic_save_weights
+from allcnn.inference import load_classifier
+from allcnn.plots import plot_history
+from allcnn.weights_io import write_manifest_entry
+
+NAME = "allcnn-c"
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+
+def run_summary(run: Path) -> dict:
+    """summary.json of a finished run; for one still training (shipping an interim
+    best), what this machine would write, since the run trains here."""
+    if (run / "summary.json").exists():
+        return json.loads((run / "summary.json").read_text())
+    import keras
+
+    from allcnn.config import load_config
+
+    config = load_config(run / "config.toml")
+    return {"planned_epochs": config.epochs, "device": hardware.describe(None), "backend": keras.backend.backend(),
+            "precision": hardware.resolve_precision(config.precision, None)[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--data-dir", default="../shared/data")
+    args = parser.parse_args()
+
+    classifier = load_classifier(args.run / "best.weights.h5")
+    target = WEIGHTS / f"{NAME}.weights.h5"
+    atomic_save_weights(classifier.model, target)  # weights only: no optimizer state
+    for name in ("history.csv", "config.toml"):
+        shutil.copyfile(args.run / name, WEIGHTS / f"{NAME}.{name}")
+
+    shipped = load_classifier(target, variant="paper", preprocessing_json=args.run / "preprocessing.json")
+    full = evaluate(target, data_dir=args.data_dir, variant="paper",
+                    preprocessing_json=args.run / "preprocessing.json")
+    from allcnn.data import load_cifar10
+
+    _, (x_test, y_test) = load_cifar10(args.data_dir)
+    exact = metrics(shipped.probabilities(x_test[:1000]), y_test[:1000])
+    history = list(csv.DictReader(open(WEIGHTS / f"{NAME}.history.csv")))
+    plot_history(history, WEIGHTS / f"{NAME}.curves.png")
+    best = max(history, key=lambda row: float(row["val_accuracy"]))
+    summary = run_summary(args.run)
+    accuracy = {"test_top1": full["top1"], "test_top5": full["top5"], "test_loss": full["loss"],
+                "test_0_999_top1": exact["top1"], "val_top1": float(best["val_accuracy"]),
+                "measured_with": "allcnn evaluate (float32), ../shared/data test_batch"}
+    produced = {"recipe": "configs/release.toml", "command": "scripts/train_release.sh",
+                "epochs_trained": len(history), "planned_epochs": summary["planned_epochs"],
+                "best_epoch": int(best["epoch"]) + 1,
+                "train_hours": round(sum(float(r["epoch_seconds"]) for r in history) / 3600, 2),
+                "hardware": summary["device"], "precision": summary["precision"], "backend": summary["backend"],
+                "evaluated_on": hardware.describe(None)}
+    entry = write_manifest_entry(target, args.run, name=NAME, accuracy=accuracy, produced=produced)
+    json.dump(entry["accuracy"] | {"produced": entry["produced"]}, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()
