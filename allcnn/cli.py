@@ -168,8 +168,9 @@ weights_options = [
     click.option("--preprocessing-json", type=click.Path(path_type=Path, dir_okay=False),
                  help="The run's preprocessing.json, when none lies beside --weights."),
     click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True),
-    click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True,
-                 help="float32 reproduces the recorded accuracy exactly; auto: bf16 where native."),
+    click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                 help="auto: bf16 where the hardware has it natively, else float32 "
+                      "(float32 reproduces the manifest's figures exactly)."),
     click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
     device_option,
 ]

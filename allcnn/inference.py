@@ -3,13 +3,13 @@
 `Classifier` bundles a model, its preprocessing and a compiled forward pass,
 and maps uint8 images to float32 class probabilities in batches.
 
-Precision: the default is float32, not `auto`. At inference a batch of 32x32
-images is cheap in any precision, while float32 reproduces the accuracy
-recorded in the manifest and in training exactly and gives the same
-probabilities on every machine; bf16 rounds activations to 8 bits of mantissa,
-which moves probabilities and can flip close top-1 calls. `--precision auto`
-(bf16 where the hardware has it natively) or an explicit policy trades that
-for speed on a GPU.
+Precision: the default is `auto`: mixed_bfloat16 where the hardware has bf16
+natively (a CPU with avx512_bf16/amx_bf16, a GPU of compute capability >= 8.0),
+float32 elsewhere — never emulated bf16, which is many times slower. Measured
+on a Zen 4 CPU with the shipped weights on the 10,000 test images: bf16 top-1
+77.73% vs float32 77.71% (+0.02 points, loss 0.6830 vs 0.6826) at 1,589 vs
+837 images/s. `--precision float32` gives the exact figures the manifest
+records (they were measured in float32).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from allcnn.preprocessing import Preprocessing
 from allcnn.weights_io import WeightsSpec, resolve_weights
 
 INFERENCE_PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-DEFAULT_PRECISION = "float32"
+DEFAULT_PRECISION = "auto"
 DEFAULT_BATCH_SIZE = 256
 
 

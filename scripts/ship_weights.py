@@ -51,9 +51,9 @@ def main() -> None:
     for name in ("history.csv", "config.toml"):
         shutil.copyfile(args.run / name, WEIGHTS / f"{NAME}.{name}")
 
-    shipped = load_classifier(target, variant="paper", preprocessing_json=args.run / "preprocessing.json")
-    full = evaluate(target, data_dir=args.data_dir, variant="paper",
-                    preprocessing_json=args.run / "preprocessing.json")
+    prep = args.run / "preprocessing.json"
+    shipped = load_classifier(target, variant="paper", preprocessing_json=prep, precision="float32")
+    full = evaluate(target, data_dir=args.data_dir, variant="paper", preprocessing_json=prep, precision="float32")
     from allcnn.data import load_cifar10
 
     _, (x_test, y_test) = load_cifar10(args.data_dir)

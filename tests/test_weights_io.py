@@ -89,7 +89,7 @@ def test_legacy_keras2_hdf5(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
     subprocess.run([sys.executable, "-c", LEGACY, str(path), str(images), str(expected)], check=True, env=env)
     assert weights_format(path) == LEGACY_H5
-    classifier = load_classifier(path, device="cpu")
+    classifier = load_classifier(path, device="cpu", precision="float32")
     assert classifier.spec.variant == "tutorial"
     np.testing.assert_allclose(classifier.probabilities(np.load(images)), np.load(expected), atol=1e-6)
 
