@@ -150,3 +150,10 @@ def test_real_cifar10():
     assert x.shape == (50000, 32, 32, 3) and xt.shape == (10000, 32, 32, 3)
     assert np.bincount(y).tolist() == [5000] * 10
     assert np.bincount(yt).tolist() == [1000] * 10
+
+
+def test_shipped_folders_are_found():
+    from allcnn.resources import configs_dir, weights_dir
+
+    assert (configs_dir() / "paper.toml").is_file()
+    assert (weights_dir() / "manifest.json").is_file()
