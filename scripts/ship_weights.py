@@ -1,7 +1,7 @@
 """Turns a finished run into the shipped weights: weights/allcnn-c.weights.h5 + manifest.
 
-Saves the best weights without optimizer state, evaluates them with the same
-code as `allcnn evaluate` (full test set, and test images 0..999, which are
+Saves the best weights without optimizer state, evaluates them with the code
+of `allcnn evaluate` (full test set, and test images 0..999, which are
 exact CIFAR-10 pixels in ../shared/data), and records how they were produced.
 
     python scripts/ship_weights.py RUN_DIR [--data-dir ../shared/data]
@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from allcnn import hardware
-from allcnn.evaluation import evaluate, metrics
+from allcnn.data import load_cifar10
+from allcnn.evaluation import metrics
 from allcnn.files import atomic_save_weights
 from allcnn.inference import load_classifier
 from allcnn.plots import plot_history
@@ -45,26 +46,27 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data")
     args = parser.parse_args()
 
-    classifier = load_classifier(args.run / "best.weights.h5")
+    classifier = load_classifier(args.run / "best.weights.h5", precision="float32")
     target = WEIGHTS / f"{NAME}.weights.h5"
     atomic_save_weights(classifier.model, target)  # weights only: no optimizer state
     for name in ("history.csv", "config.toml"):
         shutil.copyfile(args.run / name, WEIGHTS / f"{NAME}.{name}")
 
-    prep = args.run / "preprocessing.json"
-    shipped = load_classifier(target, variant="paper", preprocessing_json=prep, precision="float32")
-    full = evaluate(target, data_dir=args.data_dir, variant="paper", preprocessing_json=prep, precision="float32")
-    from allcnn.data import load_cifar10
-
+    # The shipped file itself, through evaluate's own code: one pass over the test
+    # set, whose first 1,000 images (exact CIFAR-10 pixels) are scored again alone.
+    shipped = load_classifier(target, variant="paper", preprocessing_json=args.run / "preprocessing.json",
+                              precision="float32")
     _, (x_test, y_test) = load_cifar10(args.data_dir)
-    exact = metrics(shipped.probabilities(x_test[:1000]), y_test[:1000])
+    probabilities = shipped.probabilities(x_test)
+    full = metrics(probabilities, y_test)
+    exact = metrics(probabilities[:1000], y_test[:1000])
     history = list(csv.DictReader(open(WEIGHTS / f"{NAME}.history.csv")))
     plot_history(history, WEIGHTS / f"{NAME}.curves.png")
     best = max(history, key=lambda row: float(row["val_accuracy"]))
     summary = run_summary(args.run)
     accuracy = {"test_top1": full["top1"], "test_top5": full["top5"], "test_loss": full["loss"],
                 "test_0_999_top1": exact["top1"], "val_top1": float(best["val_accuracy"]),
-                "measured_with": "allcnn evaluate (float32), ../shared/data test_batch"}
+                "measured_with": "allcnn evaluate's code (Classifier + metrics), float32, ../shared/data test_batch"}
     produced = {"recipe": "configs/release.toml", "command": "scripts/train_release.sh",
                 "epochs_trained": len(history), "planned_epochs": summary["planned_epochs"],
                 "best_epoch": int(best["epoch"]) + 1,
