@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from allcnn.config import DEVICES, PRECISIONS, SCHEDULES, ConfigError
+from allcnn.config import DEVICES, DISTRIBUTE_MODES, LR_SCALINGS, PRECISIONS, SCHEDULES, ConfigError
 
 # TensorFlow's C++ start-up chatter is noise for a CLI user.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -83,6 +83,8 @@ def main() -> None:
 @click.option("--precision", type=click.Choice(PRECISIONS),
               help="auto: bf16 only where the hardware has it natively.")
 @click.option("--seed", type=int)
+@click.option("--initial-weights", type=click.Path(path_type=Path, dir_okay=False),
+              help="Start from these weights instead of a random init (a warm restart).")
 @click.option("--val-size", type=click.IntRange(min=0), help="Training images held out for validation (5000).")
 @data_dir_option
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("runs/allcnn"),
@@ -90,8 +92,21 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @device_option
+@click.option("--distribute", type=click.Choice(DISTRIBUTE_MODES),
+              help="Data parallelism (default auto: over all local GPUs when there are several, or all processes' "
+                   "devices in a multi-process JAX run). mirrored: TensorFlow; data-parallel: JAX.")
+@click.option("--lr-scaling", type=click.Choice(LR_SCALINGS),
+              help="linear (default): the lr is multiplied by the replica count, as the global batch is.")
+@click.option("--coordinator-address", envvar=["KERAS_DISTRIBUTION_JOB_ADDRESSES", "JAX_COORDINATOR_ADDRESS"],
+              help="host:port of process 0, for a multi-process JAX run [env KERAS_DISTRIBUTION_JOB_ADDRESSES].")
+@click.option("--num-processes", type=click.IntRange(min=1),
+              envvar=["KERAS_DISTRIBUTION_NUM_PROCESSES", "JAX_NUM_PROCESSES"],
+              help="Processes in a multi-process JAX run [env KERAS_DISTRIBUTION_NUM_PROCESSES].")
+@click.option("--process-id", type=click.IntRange(min=0), envvar=["KERAS_DISTRIBUTION_PROCESS_ID", "JAX_PROCESS_ID"],
+              help="This process's index, 0 writes the run folder [env KERAS_DISTRIBUTION_PROCESS_ID].")
 @click.option("--test", is_flag=True, help="Evaluate the best weights on the test set at the end.")
-def train(config_path, data_dir, out, resume, overwrite, test, **flags) -> None:
+def train(config_path, data_dir, out, resume, overwrite, test, coordinator_address, num_processes, process_id,
+          **flags) -> None:
     """Train All-CNN-C into a run folder (resumable).
 
     \b
@@ -102,19 +117,38 @@ def train(config_path, data_dir, out, resume, overwrite, test, **flags) -> None:
     from allcnn.config import load_config
 
     with user_errors():
+        if coordinator_address or (num_processes or 1) > 1:
+            from allcnn.distribute import join_cluster
+
+            join_cluster(coordinator_address, num_processes, process_id)
         given = {k: v for k, v in flags.items() if v is not None and k != "device"}
         if resume:
             if given:
                 raise ConfigError(f"--resume continues {out}/config.toml as it is; drop --{next(iter(given)).replace('_', '-')}")
             config = None
         else:
+            if flags["initial_weights"]:  # absolute, so that the run's config.toml works from anywhere
+                flags["initial_weights"] = str(flags["initial_weights"].resolve())
             config = load_config(config_path, **flags)
         from allcnn.training import train as run_training
+
+        from allcnn.distribute import WorkerLost
 
         try:
             summary = run_training(config, out, data_dir=data_dir, resume=resume, overwrite=overwrite, test=test)
         except KeyboardInterrupt:
             raise click.ClickException(f"interrupted; continue with: allcnn train --resume --out {out}") from None
+        except WorkerLost as e:
+            # JAX's own shutdown would wait for the lost process, then abort with a
+            # stack dump; the message above is what the user needs.
+            click.echo(f"Error: {e}", err=True)
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(1)
+    if "process_id" in summary:
+        click.echo(f"done: process {summary['process_id']} finished {summary['epochs']} epochs; process 0 wrote "
+                   f"the run folder")
+        return
     line = f"done: {summary['epochs']} epochs, best val_accuracy {summary['best_val_accuracy']:.4f}"
     if "test_accuracy" in summary:
         line += f", test accuracy {summary['test_accuracy']:.4f}"

@@ -16,6 +16,8 @@ else:  # pragma: no cover
 SCHEDULES = ("step", "cosine", "onecycle", "constant")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 DEVICES = ("auto", "cpu", "gpu")
+DISTRIBUTE_MODES = ("none", "auto", "mirrored", "data-parallel")
+LR_SCALINGS = ("linear", "none")
 
 
 class ConfigError(ValueError):
@@ -47,10 +49,17 @@ class TrainConfig:
     dropout: float = 0.5
     kernel_initializer: str = "he_normal"
     batch_norm: bool = False
+    # Weights to start from instead of random init (a warm restart, e.g. a second cosine
+    # cycle from a finished run's last.weights.h5); "" trains from scratch.
+    initial_weights: str = ""
     val_size: int = 5000
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
+    # Data parallelism: batch_size is per replica, so the global batch is
+    # batch_size x replicas, and with lr_scaling "linear" the lr scales with it.
+    distribute: str = "auto"
+    lr_scaling: str = "linear"
 
     def validate(self) -> "TrainConfig":
         """Checks values, naming the offending key."""
@@ -63,6 +72,8 @@ class TrainConfig:
             "precision": PRECISIONS,
             "device": DEVICES,
             "preprocessing": METHODS,
+            "distribute": DISTRIBUTE_MODES,
+            "lr_scaling": LR_SCALINGS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -141,7 +152,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> TrainConf
 def find_recipe(name_or_path: str | os.PathLike) -> Path:
     """A path as given, else a recipe shipped in `configs/` by its name."""
     path = Path(name_or_path)
-    if path.exists() or path.suffix:
+    if path.is_file() or path.suffix:
         return path
     from allcnn.resources import configs_dir
 

@@ -43,5 +43,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_save_weights(model, path: str | os.PathLike) -> None:
     """`model.save_weights` through a temp file, so a kill never truncates `path`."""
-    with atomic_write(path, suffix=".weights.h5") as tmp:
+    from allcnn.distribute import outside_distribution
+
+    with atomic_write(path, suffix=".weights.h5") as tmp, outside_distribution():
         model.save_weights(tmp, overwrite=True)

@@ -43,9 +43,16 @@ class CifarBatches(keras.utils.PyDataset):
         images: uint8 images (N, 32, 32, 3).
         labels: one-hot float32 labels (N, classes).
         preprocessing: the fitted `Preprocessing`, applied once up front.
-        batch_size: images per batch; the last batch may be smaller.
+        batch_size: images per (global) batch; the last batch may be smaller
+            unless `drop_remainder`.
         shuffle, flip, translate: training-time randomness.
         seed: the run's seed.
+        shard: (index, count): this process's part of every batch in a
+            multi-process run. The whole batch is drawn and augmented in every
+            process and each keeps its slice, so the global batch is the same
+            as in a single-process run.
+        drop_remainder: drop a last, smaller batch (data-parallel steps need
+            batches that split evenly over the devices).
     """
 
     def __init__(
@@ -59,6 +66,8 @@ class CifarBatches(keras.utils.PyDataset):
         flip: bool = False,
         translate: int = 0,
         seed: int = 0,
+        shard: tuple[int, int] = (0, 1),
+        drop_remainder: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -66,6 +75,7 @@ class CifarBatches(keras.utils.PyDataset):
         self.y = np.asarray(labels, dtype=np.float32)
         self.batch_size = batch_size
         self.shuffle, self.flip, self.translate, self.seed = shuffle, flip, translate, seed
+        self.shard, self.drop_remainder = shard, drop_remainder
         self.epoch = 0
         self._order = self._order_for(0)
 
@@ -80,7 +90,8 @@ class CifarBatches(keras.utils.PyDataset):
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
 
     def __len__(self) -> int:
-        return math.ceil(len(self.x) / self.batch_size)
+        rounding = math.floor if self.drop_remainder else math.ceil
+        return rounding(len(self.x) / self.batch_size)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         picked = self._order[index * self.batch_size : (index + 1) * self.batch_size]
@@ -88,7 +99,12 @@ class CifarBatches(keras.utils.PyDataset):
         if self.flip or self.translate:
             rng = np.random.default_rng([self.seed, self.epoch, index, 1])
             x = augment(x, rng, self.flip, self.translate)
-        return x, self.y[picked]
+        y = self.y[picked]
+        index, count = self.shard
+        if count > 1:
+            part = len(picked) // count
+            x, y = x[index * part : (index + 1) * part], y[index * part : (index + 1) * part]
+        return x, y
 
 
 class EpochSeeder(keras.callbacks.Callback):

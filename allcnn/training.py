@@ -18,13 +18,17 @@ from pathlib import Path
 import keras
 from keras import ops
 
-from allcnn import data, hardware
+from allcnn import data, distribute, hardware
 from allcnn.config import TrainConfig
+from allcnn.distribute import Replicas, WorkerLost, is_worker_loss
 from allcnn.files import atomic_save_weights, atomic_write_text
 from allcnn.model import build_model
 from allcnn.pipeline import CifarBatches, EpochSeeder
 from allcnn.preprocessing import Preprocessing, fit_preprocessing
 
+BACKUP = "backup"
+DISTRIBUTION = "distribution.json"
+VAL_BATCH = 500
 RUN_FILES = (
     "config.toml",
     "history.csv",
@@ -33,8 +37,8 @@ RUN_FILES = (
     "last.weights.h5",
     "curves.png",
     "summary.json",
+    DISTRIBUTION,
 )
-BACKUP = "backup"
 
 
 class RunError(RuntimeError):
@@ -145,6 +149,13 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                           json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
 
 
+class RestoreOnly(keras.callbacks.BackupAndRestore):
+    """For processes other than 0: restore the backup on resume, never write it."""
+
+    def _save_model(self):
+        pass
+
+
 def tensorboard(logdir: Path) -> list[keras.callbacks.Callback]:
     """Keras' TensorBoard callback writes through TensorFlow; skip it where there is none (JAX-only GPU hosts)."""
     import importlib.util
@@ -191,21 +202,47 @@ def trim_history(path: Path, epochs: int) -> list[dict]:
     return rows
 
 
-def prepare_run(out: Path, config: TrainConfig | None, resume: bool, overwrite: bool) -> TrainConfig:
-    """Creates, reuses or refuses the run folder; returns the run's config."""
+def read_run_config(out: Path, config: TrainConfig | None, resume: bool) -> TrainConfig:
+    """The run's config: the one given, or for `resume` the one in the run folder."""
     from allcnn.config import load_config
 
+    if not resume:
+        return config
+    if not (out / "config.toml").exists():
+        raise RunError(f"--resume: no run in {out} (no config.toml); start one without --resume")
+    return load_config(out / "config.toml")
+
+
+def prepare_run(out: Path, config: TrainConfig, resume: bool, overwrite: bool, layout: dict) -> None:
+    """Creates, reuses or refuses the run folder (process 0 only).
+
+    `layout` is how this session runs (replicas, global batch, lr); a run is
+    only resumed on as many replicas as it started with, so that it follows
+    the same global batches.
+    """
     if resume:
-        if not (out / "config.toml").exists():
-            raise RunError(f"--resume: no run in {out} (no config.toml); start one without --resume")
-        return load_config(out / "config.toml")
+        started = json.loads((out / DISTRIBUTION).read_text()) if (out / DISTRIBUTION).exists() else None
+        if started and started["replicas"] != layout["replicas"]:
+            raise RunError(f"{out} was started on {started['replicas']} replicas (global batch "
+                           f"{started['global_batch_size']}); resume it on as many, not {layout['replicas']}")
+        return
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise RunError(f"{out} already holds a run; use --resume to continue it or --overwrite to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.toml", config.to_toml())
-    return config
+    note = (f"# {layout['mode']} on {layout['replicas']} replica(s): global batch {layout['global_batch_size']}, "
+            f"lr {layout['lr']:g} ({config.lr_scaling} lr scaling)\n")
+    atomic_write_text(out / "config.toml", config.to_toml() + note)
+    atomic_write_text(out / DISTRIBUTION, json.dumps(layout, indent=2))
+
+
+def run_layout(config: TrainConfig, replicas: Replicas) -> dict:
+    """Global batch and lr for these replicas: batch_size is per replica."""
+    scale = replicas.count if config.lr_scaling == "linear" else 1
+    return {"mode": replicas.mode, "replicas": replicas.count, "processes": replicas.processes,
+            "devices": replicas.devices, "global_batch_size": config.batch_size * replicas.count,
+            "lr": config.lr * scale}
 
 
 def load_splits(config: TrainConfig, data_dir) -> tuple[tuple, tuple, tuple]:
@@ -230,7 +267,8 @@ def _configure(config: TrainConfig):
     return gpu, policy
 
 
-def compile_model(config: TrainConfig, steps_per_epoch: int) -> keras.Model:
+def compile_model(config: TrainConfig, steps_per_epoch: int, lr: float | None = None) -> keras.Model:
+    """The model with its optimizer; `lr` overrides the config's (scaled for data parallelism)."""
     model = build_model(
         config.variant,
         input_dropout=config.input_dropout,
@@ -240,7 +278,7 @@ def compile_model(config: TrainConfig, steps_per_epoch: int) -> keras.Model:
         batch_norm=config.batch_norm,
         seed=config.seed,
     )
-    schedule = LearningRate(config.lr, steps_per_epoch, config.epochs, config.schedule, config.warmup_epochs,
+    schedule = LearningRate(config.lr if lr is None else lr, steps_per_epoch, config.epochs, config.schedule, config.warmup_epochs,
                             config.milestones, config.lr_decay_factor, config.time_decay)
     model.compile(
         optimizer=keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=config.nesterov),
@@ -250,40 +288,109 @@ def compile_model(config: TrainConfig, steps_per_epoch: int) -> keras.Model:
     return model
 
 
+def load_initial_weights(model: keras.Model, path: Path) -> None:
+    """Starts a run from earlier weights; a resumed run restores its own instead."""
+    from allcnn.weights_io import WeightsError, load_weights
+
+    try:
+        load_weights(model, path)
+    except WeightsError as e:
+        raise RunError(f"initial_weights: {e}") from None
+
+
 def train(config: TrainConfig | None, out, *, data_dir=None, resume: bool = False,
           overwrite: bool = False, test: bool = False) -> dict:
     """Trains (or resumes) a run in `out`; returns its summary.
 
+    Under data parallelism every process calls this with the same arguments;
+    process 0 alone writes `out` (a folder all processes can read, to resume).
+
     Raises:
-        RunError, data.DataError, hardware.DeviceError: with a one-line message.
+        RunError, data.DataError, hardware.DeviceError, distribute.DistributeError:
+            with a one-line message.
     """
     out = Path(out)
-    config = prepare_run(out, config, resume, overwrite)
-    train_split, val_split, test_split = load_splits(config, data_dir)
+    config = read_run_config(out, config, resume)
     gpu, policy = _configure(config)
+    replicas = distribute.setup(config.distribute, gpu is not None)
+    layout = run_layout(config, replicas)
+    print(f"distribute: {replicas.describe()}; global batch {layout['global_batch_size']}, lr {layout['lr']:g}")
+    if replicas.is_chief:
+        prepare_run(out, config, resume, overwrite, layout)
+    train_split, val_split, test_split = load_splits(config, data_dir)
+    train_batches, val_batches = make_batches(config, out, train_split, val_split, replicas, layout)
+    with replicas.scope():
+        model = compile_model(config, len(train_batches), layout["lr"])
 
+    start_epoch = restored_epoch(out)
+    if start_epoch == 0 and config.initial_weights:
+        load_initial_weights(model, Path(config.initial_weights))
+    nan_stop = NanStop()
+    callbacks = [EpochSeeder(train_batches, config.seed), EpochStats(), nan_stop]
+    if replicas.is_chief:
+        callbacks += writer_callbacks(out, start_epoch)
+    else:
+        callbacks.append(RestoreOnly(str(out / BACKUP), delete_checkpoint=False))
+    started = time.perf_counter()
+    try:
+        # shuffle=False: CifarBatches shuffles itself, keyed by (seed, epoch); Keras would
+        # reorder batches with Python's global random state, which no resume restores.
+        model.fit(train_batches, validation_data=val_batches, epochs=config.epochs, callbacks=callbacks,
+                  shuffle=False, verbose=(1 if sys.stdout.isatty() else 2) if replicas.is_chief else 0)
+    except Exception as e:
+        if replicas.processes > 1 and is_worker_loss(e):
+            raise WorkerLost(f"process {replicas.process_id}: another process of the run stopped "
+                             f"({str(e).splitlines()[0]}); restart every process with --resume") from None
+        raise
+    elapsed = time.perf_counter() - started
+    if nan_stop.fired:
+        raise RunError(f"the loss became NaN; the learning rate ({layout['lr']}) is probably too high: try a "
+                       f"smaller --lr or more --warmup-epochs. The last good weights are in {out / 'last.weights.h5'}")
+    if not replicas.is_chief:
+        return {"process_id": replicas.process_id, "epochs": config.epochs}
+
+    history = trim_history(out / "history.csv", restored_epoch(out))
+    summary = write_summary(out, config, history, policy, gpu, len(train_split[0]), start_epoch, elapsed)
+    if test:
+        keras.distribution.set_distribution(None)  # evaluate here alone, not across processes
+        summary["test_accuracy"] = evaluate_test(out, test_split)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def make_batches(config: TrainConfig, out: Path, train_split: tuple, val_split: tuple, replicas: Replicas,
+                 layout: dict) -> tuple[CifarBatches, CifarBatches]:
+    """This process's training and validation batches, preprocessed as in the run folder."""
     prep_path = out / "preprocessing.json"
     if prep_path.exists():
         prep = Preprocessing.load(prep_path)
     else:
         prep = fit_preprocessing(config.preprocessing, train_split[0])
-        prep.save(prep_path)
+        if replicas.is_chief:
+            prep.save(prep_path)
     one_hot = lambda y: keras.utils.to_categorical(y, len(data.CLASS_NAMES))  # noqa: E731
+    # JAX splits every batch evenly over the devices: drop a ragged last training
+    # batch, and validate in batches that divide over the replicas.
+    even = replicas.mode == "data-parallel"
+    if even and len(val_split[0]) % replicas.count:
+        raise RunError(f"val_size {len(val_split[0])} does not split evenly over {replicas.count} replicas; "
+                       f"choose a --val-size divisible by {replicas.count}")
+    shard = (replicas.process_id, replicas.processes)
     augment = config.augment
-    train_batches = CifarBatches(train_split[0], one_hot(train_split[1]), prep, config.batch_size, shuffle=True,
-                                 flip=augment and config.flip, translate=config.translate if augment else 0,
-                                 seed=config.seed)
-    val_batches = CifarBatches(val_split[0], one_hot(val_split[1]), prep, 500)
-    model = compile_model(config, len(train_batches))
+    train_batches = CifarBatches(train_split[0], one_hot(train_split[1]), prep, layout["global_batch_size"],
+                                 shuffle=True, flip=augment and config.flip,
+                                 translate=config.translate if augment else 0, seed=config.seed,
+                                 shard=shard, drop_remainder=even)
+    val_batch = replicas.count * max(1, VAL_BATCH // replicas.count)
+    val_batches = CifarBatches(val_split[0], one_hot(val_split[1]), prep, val_batch, shard=shard)
+    return train_batches, val_batches
 
-    start_epoch = restored_epoch(out)
+
+def writer_callbacks(out: Path, start_epoch: int) -> list[keras.callbacks.Callback]:
+    """What writes the run folder: history, checkpoints, curves, logs, the backup."""
     history = trim_history(out / "history.csv", start_epoch)
     best = max((float(row["val_accuracy"]) for row in history), default=None)
-    nan_stop = NanStop()
-    callbacks = [
-        EpochSeeder(train_batches, config.seed),
-        EpochStats(),
-        nan_stop,
+    return [
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
         AtomicCheckpoint(str(out / "best.weights.h5"), monitor="val_accuracy", mode="max",
                          save_best_only=True, save_weights_only=True, initial_value_threshold=best),
@@ -293,22 +400,6 @@ def train(config: TrainConfig | None, out, *, data_dir=None, resume: bool = Fals
         # Last, so that an epoch is only marked done once everything above is written.
         AtomicBackupAndRestore(str(out / BACKUP), delete_checkpoint=False),
     ]
-    started = time.perf_counter()
-    # shuffle=False: CifarBatches shuffles itself, keyed by (seed, epoch); Keras would
-    # reorder batches with Python's global random state, which no resume restores.
-    model.fit(train_batches, validation_data=val_batches, epochs=config.epochs, callbacks=callbacks, shuffle=False,
-              verbose=1 if sys.stdout.isatty() else 2)
-    elapsed = time.perf_counter() - started
-    if nan_stop.fired:
-        raise RunError(f"the loss became NaN; the learning rate ({config.lr}) is probably too high: try a smaller --lr "
-                       f"or more --warmup-epochs. The last good weights are in {out / 'last.weights.h5'}")
-
-    history = trim_history(out / "history.csv", restored_epoch(out))
-    summary = write_summary(out, config, history, policy, gpu, len(train_split[0]), start_epoch, elapsed)
-    if test:
-        summary["test_accuracy"] = evaluate_test(out, test_split)
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    return summary
 
 
 def write_summary(out: Path, config: TrainConfig, history: list[dict], policy: str, gpu, n_train: int,
