@@ -3,6 +3,8 @@
 Saves the best weights without optimizer state, evaluates them with the code
 of `allcnn evaluate` (full test set, and test images 0..999, which are
 exact CIFAR-10 pixels in ../shared/data), and records how they were produced.
+A run started with `initial_weights` (a warm restart) is shipped with the runs it
+started from: one history (epochs numbered on), the total time, every recipe.
 
     python scripts/ship_weights.py RUN_DIR [--data-dir ../shared/data]
 """
@@ -40,6 +42,32 @@ def run_summary(run: Path) -> dict:
             "precision": hardware.resolve_precision(config.precision, None)[0]}
 
 
+def stages(run: Path) -> list[Path]:
+    """The run and, for a warm restart, the runs it started from, oldest first."""
+    from allcnn.config import load_config
+
+    runs = [run]
+    while initial := load_config(runs[0] / "config.toml").initial_weights:
+        runs.insert(0, Path(initial).parent)
+    return runs
+
+
+def joined_history(runs: list[Path]) -> list[dict]:
+    """Every stage's history.csv, epochs numbered on from one stage to the next."""
+    rows = []
+    for run in runs:
+        for row in csv.DictReader(open(run / "history.csv")):
+            rows.append(row | {"epoch": str(len(rows))})
+    return rows
+
+
+def write_history(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
@@ -49,8 +77,12 @@ def main() -> None:
     classifier = load_classifier(args.run / "best.weights.h5", precision="float32")
     target = WEIGHTS / f"{NAME}.weights.h5"
     atomic_save_weights(classifier.model, target)  # weights only: no optimizer state
-    for name in ("history.csv", "config.toml"):
-        shutil.copyfile(args.run / name, WEIGHTS / f"{NAME}.{name}")
+    runs = stages(args.run)
+    shutil.copyfile(args.run / "config.toml", WEIGHTS / f"{NAME}.config.toml")
+    for number, run in enumerate(runs[:-1], start=1):
+        shutil.copyfile(run / "config.toml", WEIGHTS / f"{NAME}.stage{number}.config.toml")
+    history = joined_history(runs)
+    write_history(history, WEIGHTS / f"{NAME}.history.csv")
 
     # The shipped file itself, through evaluate's own code: one pass over the test
     # set, whose first 1,000 images (exact CIFAR-10 pixels) are scored again alone.
@@ -60,14 +92,14 @@ def main() -> None:
     probabilities = shipped.probabilities(x_test)
     full = metrics(probabilities, y_test)
     exact = metrics(probabilities[:1000], y_test[:1000])
-    history = list(csv.DictReader(open(WEIGHTS / f"{NAME}.history.csv")))
     plot_history(history, WEIGHTS / f"{NAME}.curves.png")
     best = max(history, key=lambda row: float(row["val_accuracy"]))
     summary = run_summary(args.run)
     accuracy = {"test_top1": full["top1"], "test_top5": full["top5"], "test_loss": full["loss"],
                 "test_0_999_top1": exact["top1"], "val_top1": float(best["val_accuracy"]),
                 "measured_with": "allcnn evaluate's code (Classifier + metrics), float32, ../shared/data test_batch"}
-    produced = {"recipe": "configs/release.toml", "command": "scripts/train_release.sh",
+    recipes = [f"configs/release-stage{n}.toml" for n in range(1, len(runs))] + ["configs/release.toml"]
+    produced = {"recipe": recipes if len(recipes) > 1 else recipes[0], "command": "scripts/train_release.sh",
                 "epochs_trained": len(history), "planned_epochs": summary["planned_epochs"],
                 "best_epoch": int(best["epoch"]) + 1,
                 "train_hours": round(sum(float(r["epoch_seconds"]) for r in history) / 3600, 2),
