@@ -163,3 +163,21 @@ def test_nan_loss_stops_with_advice(cifar_dir, tmp_path):
                     "--schedule", "constant")
     assert result.exit_code == 1, result.output
     assert "the loss became NaN; the learning rate (1000000000000.0) is probably too high" in result.output
+
+
+def test_initial_weights_start_a_warm_restart(cifar_dir, tmp_path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _train("--data-dir", str(cifar_dir), "--out", str(first), *TINY).exit_code == 0
+    missing = _train("--data-dir", str(cifar_dir), "--out", str(tmp_path / "bad"), "--initial-weights",
+                     str(tmp_path / "none.weights.h5"), *TINY)
+    assert missing.exit_code == 1 and "initial_weights:" in missing.output and "no such weights file" in missing.output
+
+    monkeypatch.chdir(tmp_path)  # a relative path is stored absolute, so the run resumes from anywhere
+    result = _train("--data-dir", str(cifar_dir), "--out", str(second), "--initial-weights",
+                    "first/last.weights.h5", *TINY)
+    assert result.exit_code == 0, result.output
+    config = tomllib.loads((second / "config.toml").read_text())
+    assert config["initial_weights"] == str(first / "last.weights.h5")
+    # Same seed and data: only the starting weights differ from the first run's epoch 1.
+    warm = float(next(csv.DictReader(open(second / "history.csv")))["loss"])
+    assert warm < float(next(csv.DictReader(open(first / "history.csv")))["loss"])
