@@ -113,10 +113,11 @@ def _two_processes(args, outs, port):
 @needs_jax
 @pytest.mark.slow
 def test_two_processes_finish_and_only_process_0_writes(cifar_dir, tmp_path):
-    args = ["--data-dir", str(cifar_dir), "--epochs", "1", "--batch-size", "8", *COMMON]
+    args = ["--data-dir", str(cifar_dir), "--epochs", "1", "--batch-size", "8", "--test", *COMMON]
     chief, other = tmp_path / "run", tmp_path / "process-1"
     outputs = [_finish(p) for p in _two_processes(args, [chief, other], _free_port())]
     assert "data-parallel: 2 replicas" in outputs[0] and "process 0 of 2" in outputs[0]
+    assert ", test accuracy " in outputs[0]  # process 0 evaluates alone, outside the distribution
     assert "process 1 finished 1 epochs; process 0 wrote the run folder" in outputs[1]
     assert len(_losses(chief)) == 1 and (chief / "last.weights.h5").exists()
     assert not other.exists()
