@@ -130,9 +130,8 @@ def train(config_path, data_dir, out, resume, overwrite, test, coordinator_addre
             if flags["initial_weights"]:  # absolute, so that the run's config.toml works from anywhere
                 flags["initial_weights"] = str(flags["initial_weights"].resolve())
             config = load_config(config_path, **flags)
-        from allcnn.training import train as run_training
-
         from allcnn.distribute import WorkerLost
+        from allcnn.training import train as run_training
 
         try:
             summary = run_training(config, out, data_dir=data_dir, resume=resume, overwrite=overwrite, test=test)

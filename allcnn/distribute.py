@@ -136,10 +136,9 @@ def is_worker_loss(error: BaseException) -> bool:
                                          "NCCL", "DEADLINE_EXCEEDED", "UNAVAILABLE"))
 
 
-
 @contextlib.contextmanager
 def outside_distribution():
-    """Runs a block (a save by process 0 alone) with no distribution set.
+    """Runs a block that process 0 does alone (a save, the final test) with no distribution set.
 
     Each `save_weights` makes a reference Optimizer, with variables, to learn
     which attributes to skip (Keras 3.15 caches it under a misspelt key, so

@@ -278,8 +278,8 @@ def compile_model(config: TrainConfig, steps_per_epoch: int, lr: float | None = 
         batch_norm=config.batch_norm,
         seed=config.seed,
     )
-    schedule = LearningRate(config.lr if lr is None else lr, steps_per_epoch, config.epochs, config.schedule, config.warmup_epochs,
-                            config.milestones, config.lr_decay_factor, config.time_decay)
+    schedule = LearningRate(config.lr if lr is None else lr, steps_per_epoch, config.epochs, config.schedule,
+                            config.warmup_epochs, config.milestones, config.lr_decay_factor, config.time_decay)
     model.compile(
         optimizer=keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=config.nesterov),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
@@ -352,8 +352,8 @@ def train(config: TrainConfig | None, out, *, data_dir=None, resume: bool = Fals
     history = trim_history(out / "history.csv", restored_epoch(out))
     summary = write_summary(out, config, history, policy, gpu, len(train_split[0]), start_epoch, elapsed)
     if test:
-        keras.distribution.set_distribution(None)  # evaluate here alone, not across processes
-        summary["test_accuracy"] = evaluate_test(out, test_split)
+        with distribute.outside_distribution():  # evaluate here alone, not across processes
+            summary["test_accuracy"] = evaluate_test(out, test_split)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 

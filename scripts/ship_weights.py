@@ -11,17 +11,18 @@ started from: one history (epochs numbered on), the total time, every recipe.
 
 import argparse
 import csv
+import io
 import json
-import shutil
 import sys
 from pathlib import Path
 
 from allcnn import hardware
 from allcnn.data import load_cifar10
 from allcnn.evaluation import metrics
-from allcnn.files import atomic_save_weights
+from allcnn.files import atomic_save_weights, atomic_write_text
 from allcnn.inference import load_classifier
 from allcnn.plots import plot_history
+from allcnn.training import read_history, restored_epoch
 from allcnn.weights_io import write_manifest_entry
 
 NAME = "allcnn-c"
@@ -53,19 +54,20 @@ def stages(run: Path) -> list[Path]:
 
 
 def joined_history(runs: list[Path]) -> list[dict]:
-    """Every stage's history.csv, epochs numbered on from one stage to the next."""
+    """Every stage's completed epochs, numbered on from one stage to the next."""
     rows = []
     for run in runs:
-        for row in csv.DictReader(open(run / "history.csv")):
+        for row in read_history(run / "history.csv", restored_epoch(run)):
             rows.append(row | {"epoch": str(len(rows))})
     return rows
 
 
 def write_history(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def main() -> None:
@@ -78,9 +80,9 @@ def main() -> None:
     target = WEIGHTS / f"{NAME}.weights.h5"
     atomic_save_weights(classifier.model, target)  # weights only: no optimizer state
     runs = stages(args.run)
-    shutil.copyfile(args.run / "config.toml", WEIGHTS / f"{NAME}.config.toml")
+    atomic_write_text(WEIGHTS / f"{NAME}.config.toml", (args.run / "config.toml").read_text())
     for number, run in enumerate(runs[:-1], start=1):
-        shutil.copyfile(run / "config.toml", WEIGHTS / f"{NAME}.stage{number}.config.toml")
+        atomic_write_text(WEIGHTS / f"{NAME}.stage{number}.config.toml", (run / "config.toml").read_text())
     history = joined_history(runs)
     write_history(history, WEIGHTS / f"{NAME}.history.csv")
 
