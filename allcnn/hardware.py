@@ -1,7 +1,7 @@
 """What this machine is, and which device and precision suit it.
 
 bf16 is a trap on the wrong CPU: measured with this model, `mixed_bfloat16`
-trains ~2x faster than float32 on a Zen 4 CPU with AVX-512 BF16 but ~15x
+trains ~2x faster than float32 on an AMD CPU with AVX-512 BF16 but ~15x
 slower on a Zen 3 CPU with AVX2 only, where bf16 is emulated.
 """
 
@@ -19,29 +19,38 @@ class DeviceError(RuntimeError):
     """The requested device does not exist here."""
 
 
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The CPU feature flags from `/proc/cpuinfo` (empty where unreadable)."""
+def _cpuinfo_fields(cpuinfo: str | None) -> dict[str, str]:
+    """The first processor's `key: value` lines of /proc/cpuinfo (empty where unreadable)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return set()
+            return {}
+    fields = {}
     for line in cpuinfo.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU feature flags from `/proc/cpuinfo` (empty where unreadable)."""
+    fields = _cpuinfo_fields(cpuinfo)
+    return set(fields.get("flags", fields.get("Features", "")).split())
 
 
 def cpu_name(cpuinfo: str | None = None) -> str:
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return platform.processor() or platform.machine()
-    for line in cpuinfo.splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    """The CPU model, with its family and model numbers when the name is generic.
+
+    Cloud hosts often report only "AMD EPYC"; the family tells the generations
+    apart (AMD: 25 is Zen 3/Zen 4, 26 is Zen 5), which is what speed depends on.
+    """
+    fields = _cpuinfo_fields(cpuinfo)
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return name
 
 
 def has_native_bf16(flags: set[str] | None = None) -> bool:
@@ -119,7 +128,7 @@ def choose_precision(gpu: Accelerator | None, flags: set[str] | None = None) -> 
     import keras
 
     if keras.backend.backend() == "jax":
-        # Measured on Zen 4 (avx512_bf16), batch 64: XLA's CPU convolutions train at
+        # Measured on an EPYC with avx512_bf16, batch 64: XLA's CPU convolutions train at
         # 105 images/s in float32 and 96 in bf16, so bf16 buys nothing there.
         return "float32", "XLA (the JAX backend) on a CPU trains no faster in bf16"
     if has_native_bf16(flags):
@@ -141,4 +150,4 @@ def describe(gpu: Accelerator | None) -> str:
     """One line naming what computes: the GPU, or the CPU and its cores."""
     if gpu is not None:
         return f"GPU {gpu.name}"
-    return f"CPU {cpu_name()} ({os.cpu_count()} cores)"
+    return f"CPU {cpu_name()}, {os.cpu_count()} cores"

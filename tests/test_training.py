@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from allcnn.cli import main
-from allcnn.hardware import choose_precision, resolve_precision, Accelerator
+from allcnn.hardware import Accelerator, choose_precision, cpu_flags, cpu_name, has_native_bf16, resolve_precision
 from allcnn.training import LearningRate, trim_history
 
 TINY = ["--epochs", "2", "--batch-size", "16", "--val-size", "40", "--precision", "float32", "--lr", "0.01"]
@@ -99,6 +99,16 @@ def test_auto_precision_with_cpu_flags_faked_both_ways():
     assert choose_precision(Accelerator("T4", (7, 5)))[0] == "mixed_float16"
     assert "WARNING" in resolve_precision("mixed_bfloat16", None, {"avx2"})[1]
     assert "WARNING" not in resolve_precision("mixed_bfloat16", None, {"avx512_bf16"})[1]
+
+
+def test_cpu_description_from_cpuinfo():
+    # Two processors, as /proc/cpuinfo lists them: the first one's fields count.
+    zen5 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+            "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\ncpu family\t: 26\n")
+    assert cpu_name(zen5) == "AMD EPYC (family 26, model 2)"
+    assert cpu_flags(zen5) == {"fpu", "avx2", "avx512_bf16"} and has_native_bf16(cpu_flags(zen5))
+    arm = "processor\t: 0\nFeatures\t: fp asimd bf16\nCPU implementer\t: 0x41\n"
+    assert cpu_flags(arm) == {"fp", "asimd", "bf16"} and cpu_name("") != ""
 
 
 def test_learning_rate_schedules():
