@@ -27,10 +27,10 @@ def _cpuinfo_fields(cpuinfo: str | None) -> dict[str, str]:
         except OSError:
             return {}
     fields = {}
-    for line in cpuinfo.splitlines():
+    for line in cpuinfo.split("\n\n", 1)[0].splitlines():  # processors are separated by a blank line
         key, sep, value = line.partition(":")
         if sep:
-            fields.setdefault(key.strip(), value.strip())
+            fields[key.strip()] = value.strip()
     return fields
 
 
@@ -131,8 +131,8 @@ def choose_precision(gpu: Accelerator | None, flags: set[str] | None = None) -> 
         # Measured on an EPYC with avx512_bf16, batch 64: XLA's CPU convolutions train at
         # 105 images/s in float32 and 96 in bf16, so bf16 buys nothing there.
         return "float32", "XLA (the JAX backend) on a CPU trains no faster in bf16"
-    if has_native_bf16(flags):
-        found = sorted(set(NATIVE_BF16_FLAGS) & (cpu_flags() if flags is None else flags))
+    found = sorted(set(NATIVE_BF16_FLAGS) & (cpu_flags() if flags is None else flags))
+    if found:
         return "mixed_bfloat16", f"CPU has native bf16 ({', '.join(found)})"
     return "float32", "CPU has no native bf16 (no avx512_bf16/amx_bf16 flag): bf16 would be emulated, many times slower"
 
