@@ -53,6 +53,19 @@ def stages(run: Path) -> list[Path]:
     return runs
 
 
+def recipe_of(run: Path) -> str:
+    """The file in configs/ that run was trained with: the one whose settings it
+    has (the starting weights aside), so the manifest names stages by content."""
+    from allcnn.config import load_config
+    from allcnn.resources import configs_dir
+
+    config = load_config(run / "config.toml")
+    for path in sorted(configs_dir().glob("release*.toml")):
+        if load_config(path, initial_weights=config.initial_weights) == config:
+            return f"configs/{path.name}"
+    sys.exit(f"error: no configs/release*.toml has the settings of {run / 'config.toml'}")
+
+
 def joined_history(runs: list[Path]) -> list[dict]:
     """Every stage's completed epochs, numbered on from one stage to the next."""
     rows = []
@@ -100,8 +113,9 @@ def main() -> None:
     accuracy = {"test_top1": full["top1"], "test_top5": full["top5"], "test_loss": full["loss"],
                 "test_0_999_top1": exact["top1"], "val_top1": float(best["val_accuracy"]),
                 "measured_with": "allcnn evaluate's code (Classifier + metrics), float32, ../shared/data test_batch"}
-    recipes = [f"configs/release-stage{n}.toml" for n in range(1, len(runs))] + ["configs/release.toml"]
-    produced = {"recipe": recipes if len(recipes) > 1 else recipes[0], "command": "scripts/train_release.sh",
+    recipes = [recipe_of(run) for run in runs]
+    produced = {"recipe": recipes if len(recipes) > 1 else recipes[0],
+                "command": f"scripts/train_release.sh DATA_DIR RUN_DIR {len(runs)}",
                 "epochs_trained": len(history), "planned_epochs": summary["planned_epochs"],
                 "best_epoch": int(best["epoch"]) + 1,
                 "train_hours": round(sum(float(r["epoch_seconds"]) for r in history) / 3600, 2),

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Reproduces the shipped weights from scratch in two stages, resuming whichever stage
-# was interrupted (run it again after any stop), then writes weights/allcnn-c.weights.h5
-# and its manifest entry:
+# Reproduces the shipped weights from scratch in stages, resuming whichever stage was
+# interrupted (run it again after any stop), then writes weights/allcnn-c.weights.h5
+# and its manifest entry from the last stage run:
 #   stage 1: configs/release-stage1.toml, 60 epochs from a random init, in RUN_DIR;
-#   stage 2: configs/release.toml, 120 epochs from stage 1's last weights, in RUN_DIR-stage2.
-#   scripts/train_release.sh [DATA_DIR] [RUN_DIR]
+#   stage 2: configs/release-stage2.toml, 120 epochs from stage 1's last weights, in RUN_DIR-stage2;
+#   stage 3: configs/release.toml, 100 epochs from stage 2's last weights, in RUN_DIR-stage3.
+#   scripts/train_release.sh [DATA_DIR] [RUN_DIR] [LAST_STAGE (1-3, default 3)]
 set -euo pipefail
 data=${1:-../shared/data}
-stage1=${2:-$HOME/allcnn-runs/release}
-stage2=$stage1-stage2
+run=${2:-$HOME/allcnn-runs/release}
+last_stage=${3:-3}
+recipes=(release-stage1 release-stage2 release)
+if ! [[ $last_stage =~ ^[1-3]$ ]]; then
+    echo "error: LAST_STAGE must be 1, 2 or 3, got '$last_stage'" >&2
+    exit 2
+fi
 
 # Trains config $1 into folder $2 (extra flags after), or resumes it if it was started.
 run_stage() {
@@ -21,6 +27,11 @@ run_stage() {
     fi
 }
 
-run_stage release-stage1 "$stage1"
-run_stage release "$stage2" --initial-weights "$stage1/last.weights.h5"
-python "$(dirname "$0")/ship_weights.py" "$stage2" --data-dir "$data"
+out=$run
+run_stage "${recipes[0]}" "$out"
+for ((stage = 2; stage <= last_stage; stage++)); do
+    previous=$out
+    out=$run-stage$stage
+    run_stage "${recipes[stage - 1]}" "$out" --initial-weights "$previous/last.weights.h5"
+done
+python "$(dirname "$0")/ship_weights.py" "$out" --data-dir "$data"

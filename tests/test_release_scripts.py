@@ -1,0 +1,93 @@
+"""The release scripts: which recipe each stage is named by, and how stages chain."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from allcnn.config import load_config
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _ship_weights():
+    spec = importlib.util.spec_from_file_location("ship_weights", SCRIPTS / "ship_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_folder(root: Path, name: str, recipe: str, **overrides) -> Path:
+    run = root / name
+    run.mkdir()
+    (run / "config.toml").write_text(load_config(recipe, **overrides).to_toml())
+    return run
+
+
+def test_stages_are_named_by_the_recipe_they_were_trained_with(tmp_path):
+    ship = _ship_weights()
+    stage1 = _run_folder(tmp_path, "release", "release-stage1")
+    stage2 = _run_folder(tmp_path, "release-stage2", "release-stage2",
+                         initial_weights=str(stage1 / "last.weights.h5"))
+    stage3 = _run_folder(tmp_path, "release-stage3", "release", initial_weights=str(stage2 / "last.weights.h5"))
+    assert ship.stages(stage3) == [stage1, stage2, stage3]
+    assert [ship.recipe_of(run) for run in ship.stages(stage3)] == [
+        "configs/release-stage1.toml", "configs/release-stage2.toml", "configs/release.toml"]
+
+
+def test_a_run_that_matches_no_recipe_is_refused(tmp_path):
+    run = _run_folder(tmp_path, "other", "release", epochs=7)
+    with pytest.raises(SystemExit, match="no configs/release"):
+        _ship_weights().recipe_of(run)
+
+
+def _fake_tools(bin_dir: Path, log: Path) -> None:
+    """`allcnn` and `python` stand-ins that log their arguments; `allcnn train`
+    creates the run folder's config.toml, as the real one does."""
+    bin_dir.mkdir()
+    scripts = {
+        "allcnn": 'echo "allcnn $*" >> "$LOG"\n'
+                  'while [ $# -gt 0 ]; do [ "$1" = --out ] && mkdir -p "$2" && touch "$2/config.toml"; shift; done\n',
+        "python": 'echo "python ${1##*/} ${*:2}" >> "$LOG"\n',
+    }
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text("#!/usr/bin/env bash\n" + body)
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def _train_release(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    log = tmp_path / "calls.log"
+    if not (tmp_path / "bin").exists():
+        _fake_tools(tmp_path / "bin", log)
+    env = os.environ | {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "LOG": str(log)}
+    return subprocess.run(["bash", str(SCRIPTS / "train_release.sh"), *args], env=env,
+                          capture_output=True, text=True)
+
+
+def test_train_release_chains_stages_then_resumes_them(tmp_path):
+    run = tmp_path / "r"
+    assert _train_release(tmp_path, "DATA", str(run)).returncode == 0
+    assert _train_release(tmp_path, "DATA", str(run), "2").returncode == 0
+    assert (tmp_path / "calls.log").read_text().splitlines() == [
+        f"allcnn train --config release-stage1 --out {run} --data-dir DATA",
+        f"allcnn train --config release-stage2 --out {run}-stage2 --data-dir DATA --initial-weights {run}/last.weights.h5",
+        f"allcnn train --config release --out {run}-stage3 --data-dir DATA --initial-weights {run}-stage2/last.weights.h5",
+        f"python ship_weights.py {run}-stage3 --data-dir DATA",
+        # Run again with LAST_STAGE 2: both stages exist, so both resume, and stage 2 ships.
+        f"allcnn train --resume --out {run} --data-dir DATA",
+        f"allcnn train --resume --out {run}-stage2 --data-dir DATA",
+        f"python ship_weights.py {run}-stage2 --data-dir DATA",
+    ]
+
+
+def test_train_release_refuses_an_unknown_last_stage(tmp_path):
+    result = _train_release(tmp_path, "DATA", str(tmp_path / "r"), "4")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: LAST_STAGE must be 1, 2 or 3, got '4'"
+    assert not (tmp_path / "calls.log").exists()
