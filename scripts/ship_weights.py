@@ -17,11 +17,13 @@ import sys
 from pathlib import Path
 
 from allcnn import hardware
+from allcnn.config import load_config
 from allcnn.data import load_cifar10
 from allcnn.evaluation import metrics
 from allcnn.files import atomic_save_weights, atomic_write_text
 from allcnn.inference import load_classifier
 from allcnn.plots import plot_history
+from allcnn.resources import configs_dir
 from allcnn.training import read_history, restored_epoch
 from allcnn.weights_io import write_manifest_entry
 
@@ -36,17 +38,13 @@ def run_summary(run: Path) -> dict:
         return json.loads((run / "summary.json").read_text())
     import keras
 
-    from allcnn.config import load_config
-
     config = load_config(run / "config.toml")
-    return {"planned_epochs": config.epochs, "device": hardware.describe(None), "backend": keras.backend.backend(),
+    return {"device": hardware.describe(None), "backend": keras.backend.backend(),
             "precision": hardware.resolve_precision(config.precision, None)[0]}
 
 
 def stages(run: Path) -> list[Path]:
     """The run and, for a warm restart, the runs it started from, oldest first."""
-    from allcnn.config import load_config
-
     runs = [run]
     while initial := load_config(runs[0] / "config.toml").initial_weights:
         runs.insert(0, Path(initial).parent)
@@ -56,9 +54,6 @@ def stages(run: Path) -> list[Path]:
 def recipe_of(run: Path) -> str:
     """The file in configs/ that run was trained with: the one whose settings it
     has (the starting weights aside), so the manifest names stages by content."""
-    from allcnn.config import load_config
-    from allcnn.resources import configs_dir
-
     config = load_config(run / "config.toml")
     for path in sorted(configs_dir().glob("release*.toml")):
         if load_config(path, initial_weights=config.initial_weights) == config:
@@ -116,7 +111,8 @@ def main() -> None:
     recipes = [recipe_of(run) for run in runs]
     produced = {"recipe": recipes if len(recipes) > 1 else recipes[0],
                 "command": f"scripts/train_release.sh DATA_DIR RUN_DIR {len(runs)}",
-                "epochs_trained": len(history), "planned_epochs": summary["planned_epochs"],
+                "epochs_trained": len(history),
+                "planned_epochs": sum(load_config(run / "config.toml").epochs for run in runs),
                 "best_epoch": int(best["epoch"]) + 1,
                 "train_hours": round(sum(float(r["epoch_seconds"]) for r in history) / 3600, 2),
                 "hardware": summary["device"], "precision": summary["precision"], "backend": summary["backend"],

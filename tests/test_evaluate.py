@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from allcnn.cli import main
+from conftest import SHARED_DATA
 from tests.helpers_weights import make_run
 
 
@@ -47,3 +48,14 @@ def test_cli_missing_default_weights(cifar_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ALLCNN_WEIGHTS_DIR", str(tmp_path))
     result = CliRunner().invoke(main, ["evaluate", "--data-dir", str(cifar_dir)])
     assert result.exit_code == 1 and "--weights" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (SHARED_DATA / "cifar-10-batches-py").is_dir(), reason="../shared/data absent")
+def test_shipped_weights_score_what_their_manifest_says():
+    from allcnn.evaluation import evaluate
+    from allcnn.weights_io import manifest_entry
+
+    result = evaluate(data_dir=SHARED_DATA, precision="float32", device="cpu")
+    recorded = manifest_entry()["accuracy"]
+    assert (result["top1"], result["top5"]) == (recorded["test_top1"], recorded["test_top5"])
