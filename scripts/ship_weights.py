@@ -4,7 +4,8 @@ Saves the best weights without optimizer state, evaluates them with the code
 of `allcnn evaluate` (full test set, and test images 0..999, which are
 exact CIFAR-10 pixels in ../shared/data), and records how they were produced.
 A run started with `initial_weights` (a warm restart) is shipped with the runs it
-started from: one history (epochs numbered on), the total time, every recipe.
+started from: one history (epochs numbered on), the total time, every recipe; if
+an earlier stage's best epoch scored higher on validation, that stage is shipped.
 
     python scripts/ship_weights.py RUN_DIR [--data-dir ../shared/data]
 """
@@ -61,13 +62,23 @@ def recipe_of(run: Path) -> str:
     sys.exit(f"error: no configs/release*.toml has the settings of {run / 'config.toml'}")
 
 
-def joined_history(runs: list[Path]) -> list[dict]:
-    """Every stage's completed epochs, numbered on from one stage to the next."""
-    rows = []
-    for run in runs:
-        for row in read_history(run / "history.csv", restored_epoch(run)):
-            rows.append(row | {"epoch": str(len(rows))})
-    return rows
+def best_val(rows: list[dict]) -> float:
+    return max((float(row["val_accuracy"]) for row in rows), default=-1.0)
+
+
+def shipped_stages(runs: list[Path], histories: list[list[dict]]) -> list[Path]:
+    """The stages up to the one whose best epoch scores highest on validation:
+    a later stage that never beats an earlier one is not shipped."""
+    best = max(range(len(runs)), key=lambda stage: best_val(histories[stage]))
+    for run, rows in zip(runs[best + 1:], histories[best + 1:]):
+        print(f"not shipping {run}: its best val_accuracy {best_val(rows):.4f} does not beat "
+              f"{best_val(histories[best]):.4f} of {runs[best]}", file=sys.stderr)
+    return runs[:best + 1]
+
+
+def joined_history(histories: list[list[dict]]) -> list[dict]:
+    """The stages' completed epochs as one history, numbered on from one stage to the next."""
+    return [row | {"epoch": str(epoch)} for epoch, row in enumerate(row for rows in histories for row in rows)]
 
 
 def write_history(rows: list[dict], path: Path) -> None:
@@ -84,27 +95,33 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data")
     args = parser.parse_args()
 
-    classifier = load_classifier(args.run / "best.weights.h5", precision="float32")
+    runs = stages(args.run)
+    histories = [read_history(run / "history.csv", restored_epoch(run)) for run in runs]
+    runs = shipped_stages(runs, histories)
+    history = joined_history(histories[:len(runs)])
+    shipped = runs[-1]
+    classifier = load_classifier(shipped / "best.weights.h5", precision="float32")
     target = WEIGHTS / f"{NAME}.weights.h5"
     atomic_save_weights(classifier.model, target)  # weights only: no optimizer state
-    runs = stages(args.run)
-    atomic_write_text(WEIGHTS / f"{NAME}.config.toml", (args.run / "config.toml").read_text())
-    for number, run in enumerate(runs[:-1], start=1):
-        atomic_write_text(WEIGHTS / f"{NAME}.stage{number}.config.toml", (run / "config.toml").read_text())
-    history = joined_history(runs)
+    atomic_write_text(WEIGHTS / f"{NAME}.config.toml", (shipped / "config.toml").read_text())
+    stage_configs = {WEIGHTS / f"{NAME}.stage{number}.config.toml": run for number, run in enumerate(runs[:-1], 1)}
+    for path, run in stage_configs.items():
+        atomic_write_text(path, (run / "config.toml").read_text())
+    for stale in set(WEIGHTS.glob(f"{NAME}.stage*.config.toml")) - set(stage_configs):
+        stale.unlink()
     write_history(history, WEIGHTS / f"{NAME}.history.csv")
 
     # The shipped file itself, through evaluate's own code: one pass over the test
     # set, whose first 1,000 images (exact CIFAR-10 pixels) are scored again alone.
-    shipped = load_classifier(target, variant="paper", preprocessing_json=args.run / "preprocessing.json",
-                              precision="float32")
+    classifier = load_classifier(target, variant="paper", preprocessing_json=shipped / "preprocessing.json",
+                                 precision="float32")
     _, (x_test, y_test) = load_cifar10(args.data_dir)
-    probabilities = shipped.probabilities(x_test)
+    probabilities = classifier.probabilities(x_test)
     full = metrics(probabilities, y_test)
     exact = metrics(probabilities[:1000], y_test[:1000])
     plot_history(history, WEIGHTS / f"{NAME}.curves.png")
     best = max(history, key=lambda row: float(row["val_accuracy"]))
-    summary = run_summary(args.run)
+    summary = run_summary(shipped)
     accuracy = {"test_top1": full["top1"], "test_top5": full["top5"], "test_loss": full["loss"],
                 "test_0_999_top1": exact["top1"], "val_top1": float(best["val_accuracy"]),
                 "measured_with": "allcnn evaluate's code (Classifier + metrics), float32, ../shared/data test_batch"}
@@ -117,7 +134,7 @@ def main() -> None:
                 "train_hours": round(sum(float(r["epoch_seconds"]) for r in history) / 3600, 2),
                 "hardware": summary["device"], "precision": summary["precision"], "backend": summary["backend"],
                 "evaluated_on": hardware.describe(None)}
-    entry = write_manifest_entry(target, args.run, name=NAME, accuracy=accuracy, produced=produced)
+    entry = write_manifest_entry(target, shipped, name=NAME, accuracy=accuracy, produced=produced)
     json.dump(entry["accuracy"] | {"produced": entry["produced"]}, sys.stdout, indent=2)
     print()
 

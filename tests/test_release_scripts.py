@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import stat
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from allcnn.config import load_config
+from allcnn.weights_io import sha256
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -44,6 +46,64 @@ def test_a_run_that_matches_no_recipe_is_refused(tmp_path):
     run = _run_folder(tmp_path, "other", "release", epochs=7)
     with pytest.raises(SystemExit, match="no configs/release"):
         _ship_weights().recipe_of(run)
+
+
+def test_a_later_stage_ships_only_if_it_beats_the_earlier_ones_on_validation(capsys):
+    ship = _ship_weights()
+    runs = [Path("s1"), Path("s2"), Path("s3")]
+    histories = [[{"epoch": "0", "val_accuracy": "0.80"}],
+                 [{"epoch": "0", "val_accuracy": "0.84"}, {"epoch": "1", "val_accuracy": "0.86"}],
+                 [{"epoch": "0", "val_accuracy": "0.85"}]]
+    assert ship.shipped_stages(runs, histories) == runs[:2]
+    assert "not shipping s3: its best val_accuracy 0.8500 does not beat 0.8600 of s2" in capsys.readouterr().err
+    histories[2].append({"epoch": "1", "val_accuracy": "0.87"})
+    assert ship.shipped_stages(runs, histories) == runs
+    assert [row["epoch"] for row in ship.joined_history(histories)] == ["0", "1", "2", "3", "4"]
+
+
+def _trained_stage(root: Path, name: str, recipe: str, val_accuracies: list[float], **overrides) -> Path:
+    """A finished stage: config, preprocessing, best weights, history and backup marker."""
+    from allcnn.model import build_model
+    from allcnn.preprocessing import Preprocessing
+    from allcnn.training import BACKUP
+
+    run = _run_folder(root, name, recipe, **overrides)
+    Preprocessing("standardize", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]).save(run / "preprocessing.json")
+    build_model("paper", seed=len(name)).save_weights(run / "best.weights.h5")
+    rows = "".join(f"{epoch},0.9,60.0,1.0,0.01,{val},1.0\n" for epoch, val in enumerate(val_accuracies))
+    (run / "history.csv").write_text("epoch,accuracy,epoch_seconds,loss,lr,val_accuracy,val_loss\n" + rows)
+    (run / BACKUP).mkdir()
+    (run / BACKUP / "training_metadata.json").write_text(json.dumps({"epoch": len(val_accuracies)}))
+    (run / "summary.json").write_text(json.dumps({"device": "CPU test", "precision": "float32",
+                                                  "backend": "tensorflow"}))
+    return run
+
+
+def test_ship_weights_ships_the_best_stage_with_the_stages_before_it(tmp_path, cifar_dir, monkeypatch):
+    ship = _ship_weights()
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "allcnn-c.stage2.config.toml").write_text("stale")
+    monkeypatch.setattr(ship, "WEIGHTS", weights)
+    stage1 = _trained_stage(tmp_path, "release", "release-stage1", [0.5, 0.6])
+    stage2 = _trained_stage(tmp_path, "release-stage2", "release-stage2", [0.55, 0.7, 0.65],
+                            initial_weights=str(stage1 / "last.weights.h5"))
+    stage3 = _trained_stage(tmp_path, "release-stage3", "release", [0.68],
+                            initial_weights=str(stage2 / "last.weights.h5"))
+    monkeypatch.setattr("sys.argv", ["ship_weights.py", str(stage3), "--data-dir", str(cifar_dir)])
+    ship.main()
+
+    entry = json.loads((weights / "manifest.json").read_text())["weights"][0]
+    assert entry["produced"]["recipe"] == ["configs/release-stage1.toml", "configs/release-stage2.toml"]
+    assert entry["produced"]["command"] == "scripts/train_release.sh DATA_DIR RUN_DIR 2"
+    assert (entry["produced"]["epochs_trained"], entry["produced"]["planned_epochs"]) == (5, 180)
+    assert (entry["produced"]["best_epoch"], entry["accuracy"]["val_top1"]) == (4, 0.7)
+    assert entry["sha256"] == sha256(weights / "allcnn-c.weights.h5")
+    assert load_config(weights / "allcnn-c.config.toml") == load_config(stage2 / "config.toml")
+    assert sorted(path.name for path in weights.glob("*.toml")) == ["allcnn-c.config.toml",
+                                                                    "allcnn-c.stage1.config.toml"]
+    assert len((weights / "allcnn-c.history.csv").read_text().splitlines()) == 1 + 5
+    assert (weights / "allcnn-c.curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _fake_tools(bin_dir: Path, log: Path) -> None:
