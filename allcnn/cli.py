@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from allcnn.config import DEVICES, DISTRIBUTE_MODES, LR_SCALINGS, PRECISIONS, SCHEDULES, ConfigError
 
@@ -86,7 +87,7 @@ def main() -> None:
 @click.option("--seed", type=int)
 @click.option("--initial-weights", type=click.Path(path_type=Path, dir_okay=False),
               help="Start from these weights instead of a random init (a warm restart).")
-@click.option("--val-size", type=click.IntRange(min=0), help="Training images held out for validation (5000).")
+@click.option("--val-size", type=click.IntRange(min=1), help="Training images held out for validation (5000).")
 @data_dir_option
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("runs/allcnn"),
               show_default=True, help="Run folder.")
@@ -122,10 +123,13 @@ def train(config_path, data_dir, out, resume, overwrite, test, coordinator_addre
             from allcnn.distribute import join_cluster
 
             join_cluster(coordinator_address, num_processes, process_id)
-        given = {k: v for k, v in flags.items() if v is not None and k != "device"}
         if resume:
+            given = [k for k, v in flags.items() if v is not None and k != "device"]  # a run may change device
+            given += [k for k in ("config_path", "overwrite")
+                      if click.get_current_context().get_parameter_source(k) is not ParameterSource.DEFAULT]
             if given:
-                raise ConfigError(f"--resume continues {out}/config.toml as it is; drop --{next(iter(given)).replace('_', '-')}")
+                flag = {"config_path": "config"}.get(given[0], given[0]).replace("_", "-")
+                raise ConfigError(f"--resume continues {out}/config.toml as it is; drop --{flag}")
             config = None
         else:
             if flags["initial_weights"]:  # absolute, so that the run's config.toml works from anywhere
@@ -135,7 +139,8 @@ def train(config_path, data_dir, out, resume, overwrite, test, coordinator_addre
         from allcnn.training import train as run_training
 
         try:
-            summary = run_training(config, out, data_dir=data_dir, resume=resume, overwrite=overwrite, test=test)
+            summary = run_training(config, out, data_dir=data_dir, resume=resume, overwrite=overwrite, test=test,
+                                   device=flags["device"])
         except KeyboardInterrupt:
             raise click.ClickException(f"interrupted; continue with: allcnn train --resume --out {out}") from None
         except WorkerLost as e:

@@ -78,10 +78,10 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        for key in ("epochs", "batch_size"):
+        for key in ("epochs", "batch_size", "val_size"):  # val_size: the best epoch is chosen on it
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
-        for key in ("lr", "weight_decay", "time_decay", "warmup_epochs", "translate", "val_size"):
+        for key in ("lr", "weight_decay", "time_decay", "warmup_epochs", "translate"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must not be negative, got {getattr(self, key)}")
         for key in ("label_smoothing", "input_dropout", "dropout", "momentum"):

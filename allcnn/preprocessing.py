@@ -63,6 +63,8 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict, base: Path | None = None) -> "Preprocessing":
         """Builds from `to_dict()` output; `base` is where `whiten_file` lies."""
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocessing: expected a JSON object, got {type(d).__name__}")
         if d.get("method") not in METHODS:
             raise ValueError(f"unknown preprocessing method {d.get('method')!r}; expected one of {METHODS}")
         whiten = np.load(Path(base or ".") / d["whiten_file"]) if "whiten_file" in d else None

@@ -117,13 +117,24 @@ class CurvesPlotter(keras.callbacks.Callback):
 
 
 class NanStop(keras.callbacks.TerminateOnNaN):
-    """TerminateOnNaN that remembers it fired, so the CLI can explain why."""
+    """TerminateOnNaN that stops at once (`raise_error`) and remembers it fired.
+
+    Stopping gracefully would still end the epoch: its callbacks would save the
+    NaN weights as last.weights.h5 and mark the epoch done in the backup, so
+    `--resume` would go on from them. Raising keeps both at the last good epoch.
+    """
 
     fired = False
 
+    def __init__(self):
+        super().__init__(raise_error=True)
+
     def on_batch_end(self, batch, logs=None):
-        super().on_batch_end(batch, logs)
-        self.fired = self.fired or bool(self.model.stop_training)
+        try:
+            super().on_batch_end(batch, logs)
+        except RuntimeError:
+            self.fired = True
+            raise
 
 
 class AtomicCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -136,20 +147,35 @@ class AtomicCheckpoint(keras.callbacks.ModelCheckpoint):
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore with atomic writes: weights first, then the epoch marker.
+    """BackupAndRestore whose epoch marker names the weights it goes with.
 
-    Keras writes both files in place, so a kill mid-write leaves a truncated
-    file that cannot be restored. Here each lands by rename, and the marker
-    only names an epoch once its weights are complete.
+    Keras writes `latest.weights.h5` and the marker in place, so a kill mid-write
+    leaves a truncated file, and one between the two writes pairs epoch k's marker
+    with epoch k+1's weights (and optimizer step). Here each epoch's weights land
+    by rename under their own name, then the marker, naming them, lands the same
+    way; the previous epoch's file goes only after that. A marker without a name
+    (an older backup) means `latest.weights.h5`, as in Keras.
     """
 
+    def _load_model(self):
+        marker = Path(self._training_metadata_path)
+        if marker.exists():
+            named = json.loads(marker.read_text()).get("weights")
+            self._weights_path = str(marker.parent / named) if named else self._weights_path
+        super()._load_model()
+
     def _save_model(self):
-        atomic_save_weights(self.model, self._weights_path)
+        backup = Path(self._training_metadata_path).parent
+        name = f"epoch-{self._current_epoch}.weights.h5"
+        atomic_save_weights(self.model, backup / name)
         atomic_write_text(self._training_metadata_path,
-                          json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
+                          json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name}))
+        for old in [*backup.glob("epoch-*.weights.h5"), backup / "latest.weights.h5"]:
+            if old.name != name and old.exists():
+                old.unlink()
 
 
-class RestoreOnly(keras.callbacks.BackupAndRestore):
+class RestoreOnly(AtomicBackupAndRestore):
     """For processes other than 0: restore the backup on resume, never write it."""
 
     def _save_model(self):
@@ -202,15 +228,28 @@ def trim_history(path: Path, epochs: int) -> list[dict]:
     return rows
 
 
-def read_run_config(out: Path, config: TrainConfig | None, resume: bool) -> TrainConfig:
-    """The run's config: the one given, or for `resume` the one in the run folder."""
+def read_run_config(out: Path, config: TrainConfig | None, resume: bool, device: str | None) -> TrainConfig:
+    """The run's config: the one given, or for `resume` the one in the run folder,
+    on `device` if given (a run may move, e.g. from a GPU to a CPU)."""
     from allcnn.config import load_config
 
     if not resume:
         return config
     if not (out / "config.toml").exists():
         raise RunError(f"--resume: no run in {out} (no config.toml); start one without --resume")
-    return load_config(out / "config.toml")
+    return load_config(out / "config.toml", device=device)
+
+
+def check_initial_weights(out: Path, config: TrainConfig, resume: bool, overwrite: bool) -> None:
+    """Before the run folder is made or replaced: the starting weights exist and
+    survive --overwrite (one inside the folder would be deleted with it)."""
+    if resume or not config.initial_weights:
+        return
+    path = Path(config.initial_weights).resolve()
+    if not path.is_file():
+        raise RunError(f"initial_weights: no such weights file {config.initial_weights}")
+    if overwrite and out.resolve() in path.parents:
+        raise RunError(f"initial_weights: {path} is inside {out}, which --overwrite would delete; copy it out first")
 
 
 def prepare_run(out: Path, config: TrainConfig, resume: bool, overwrite: bool, layout: dict) -> None:
@@ -299,8 +338,9 @@ def load_initial_weights(model: keras.Model, path: Path) -> None:
 
 
 def train(config: TrainConfig | None, out, *, data_dir=None, resume: bool = False,
-          overwrite: bool = False, test: bool = False) -> dict:
-    """Trains (or resumes) a run in `out`; returns its summary.
+          overwrite: bool = False, test: bool = False, device: str | None = None) -> dict:
+    """Trains (or resumes) a run in `out`; returns its summary. `device` moves a
+    resumed run to another device; a new run takes its device from `config`.
 
     Under data parallelism every process calls this with the same arguments;
     process 0 alone writes `out` (a folder all processes can read, to resume).
@@ -310,14 +350,16 @@ def train(config: TrainConfig | None, out, *, data_dir=None, resume: bool = Fals
             with a one-line message.
     """
     out = Path(out)
-    config = read_run_config(out, config, resume)
+    config = read_run_config(out, config, resume, device)
+    check_initial_weights(out, config, resume, overwrite)
     gpu, policy = _configure(config)
     replicas = distribute.setup(config.distribute, gpu is not None)
     layout = run_layout(config, replicas)
     print(f"distribute: {replicas.describe()}; global batch {layout['global_batch_size']}, lr {layout['lr']:g}")
+    # The data first: a wrong --data-dir must not leave a run folder behind.
+    train_split, val_split, test_split = load_splits(config, data_dir)
     if replicas.is_chief:
         prepare_run(out, config, resume, overwrite, layout)
-    train_split, val_split, test_split = load_splits(config, data_dir)
     train_batches, val_batches = make_batches(config, out, train_split, val_split, replicas, layout)
     with replicas.scope():
         model = compile_model(config, len(train_batches), layout["lr"])
@@ -338,14 +380,16 @@ def train(config: TrainConfig | None, out, *, data_dir=None, resume: bool = Fals
         model.fit(train_batches, validation_data=val_batches, epochs=config.epochs, callbacks=callbacks,
                   shuffle=False, verbose=(1 if sys.stdout.isatty() else 2) if replicas.is_chief else 0)
     except Exception as e:
+        if nan_stop.fired:
+            last = out / "last.weights.h5"
+            kept = f"the last completed epoch's weights are in {last}" if last.exists() else "no epoch completed"
+            raise RunError(f"the loss became NaN; the learning rate ({layout['lr']}) is probably too high: try a "
+                           f"smaller --lr or more --warmup-epochs ({kept})") from None
         if replicas.processes > 1 and is_worker_loss(e):
             raise WorkerLost(f"process {replicas.process_id}: another process of the run stopped "
                              f"({str(e).splitlines()[0]}); restart every process with --resume") from None
         raise
     elapsed = time.perf_counter() - started
-    if nan_stop.fired:
-        raise RunError(f"the loss became NaN; the learning rate ({layout['lr']}) is probably too high: try a "
-                       f"smaller --lr or more --warmup-epochs. The last good weights are in {out / 'last.weights.h5'}")
     if not replicas.is_chief:
         return {"process_id": replicas.process_id, "epochs": config.epochs}
 
@@ -404,9 +448,15 @@ def writer_callbacks(out: Path, start_epoch: int) -> list[keras.callbacks.Callba
 
 def write_summary(out: Path, config: TrainConfig, history: list[dict], policy: str, gpu, n_train: int,
                   start_epoch: int, elapsed: float) -> dict:
-    """summary.json: totals over all sessions of the run, plus this session's speed."""
-    seconds = sum(float(row["epoch_seconds"]) for row in history)
+    """summary.json: totals over all sessions of the run, plus this session's speed.
+
+    A resume that trains no epoch (the run had finished) keeps the summary as it
+    was: this session's device and precision did not produce the weights.
+    """
     new_epochs = len(history) - start_epoch
+    if not new_epochs and (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())
+    seconds = sum(float(row["epoch_seconds"]) for row in history)
     summary = {
         "epochs": len(history),
         "planned_epochs": config.epochs,

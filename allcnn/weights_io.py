@@ -225,9 +225,12 @@ def read_manifest(directory: str | os.PathLike | None = None) -> dict:
     if not path.is_file():
         raise WeightsError(f"no default weights: {path} does not exist; {_PASS_WEIGHTS}")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or not all(isinstance(e, dict) for e in manifest.get("weights", [])):
+        raise WeightsError(f"{path}: expected an object with a list of weights entries")
+    return manifest
 
 
 def manifest_entry(name: str | None = None, directory: str | os.PathLike | None = None) -> dict:
@@ -237,6 +240,9 @@ def manifest_entry(name: str | None = None, directory: str | os.PathLike | None 
     entries = {entry.get("name"): entry for entry in manifest.get("weights", [])}
     if name not in entries:
         raise WeightsError(f"the weights manifest has no entry {name!r} (entries: {', '.join(map(str, entries))})")
+    missing = [key for key in ("file", "sha256", "variant", "preprocessing") if key not in entries[name]]
+    if missing:
+        raise WeightsError(f"the weights manifest's entry {name!r} lacks {', '.join(missing)}")
     return entries[name]
 
 

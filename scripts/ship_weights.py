@@ -19,9 +19,9 @@ from pathlib import Path
 
 from allcnn import hardware
 from allcnn.config import load_config
-from allcnn.data import load_cifar10
+from allcnn.data import DataError, load_cifar10
 from allcnn.evaluation import metrics
-from allcnn.files import atomic_save_weights, atomic_write_text
+from allcnn.files import atomic_write, atomic_write_text
 from allcnn.inference import load_classifier
 from allcnn.plots import plot_history
 from allcnn.resources import configs_dir
@@ -47,9 +47,13 @@ def run_summary(run: Path) -> dict:
 def stages(run: Path) -> list[Path]:
     """The run and, for a warm restart, the runs it started from, oldest first."""
     runs = [run]
-    while initial := load_config(runs[0] / "config.toml").initial_weights:
+    while True:
+        if not (runs[0] / "config.toml").is_file():
+            sys.exit(f"error: {runs[0]} is not a run folder (no config.toml)")
+        initial = load_config(runs[0] / "config.toml").initial_weights
+        if not initial:
+            return runs
         runs.insert(0, Path(initial).parent)
-    return runs
 
 
 def recipe_of(run: Path) -> str:
@@ -62,6 +66,12 @@ def recipe_of(run: Path) -> str:
     sys.exit(f"error: no configs/release*.toml has the settings of {run / 'config.toml'}")
 
 
+def completed_epochs(run: Path) -> tuple[int, int]:
+    """Epochs the backup holds and complete rows history.csv has: they differ
+    while an epoch is being written, or where a run was stopped just then."""
+    return restored_epoch(run), len(read_history(run / "history.csv", sys.maxsize))
+
+
 def best_val(rows: list[dict]) -> float:
     return max((float(row["val_accuracy"]) for row in rows), default=-1.0)
 
@@ -70,9 +80,11 @@ def shipped_stages(runs: list[Path], histories: list[list[dict]]) -> list[Path]:
     """The stages up to the one whose best epoch scores highest on validation:
     a later stage that never beats an earlier one is not shipped."""
     best = max(range(len(runs)), key=lambda stage: best_val(histories[stage]))
+    if not histories[best]:
+        sys.exit(f"error: no completed epoch in {', '.join(map(str, runs))}")
     for run, rows in zip(runs[best + 1:], histories[best + 1:]):
-        print(f"not shipping {run}: its best val_accuracy {best_val(rows):.4f} does not beat "
-              f"{best_val(histories[best]):.4f} of {runs[best]}", file=sys.stderr)
+        reason = f"its best val_accuracy {best_val(rows):.4f} does not beat" if rows else "no completed epoch yet; best is"
+        print(f"not shipping {run}: {reason} {best_val(histories[best]):.4f} of {runs[best]}", file=sys.stderr)
     return runs[:best + 1]
 
 
@@ -89,43 +101,38 @@ def write_history(rows: list[dict], path: Path) -> None:
     atomic_write_text(path, text.getvalue())
 
 
+def load_best(run: Path):
+    """The run's best weights, refused while the run is between epochs (the file
+    could then be newer than the history that describes it)."""
+    if not (run / "best.weights.h5").is_file():
+        sys.exit(f"error: {run} has no best.weights.h5")
+    before = completed_epochs(run)
+    classifier = load_classifier(run / "best.weights.h5", precision="float32")
+    if before[0] != before[1] or completed_epochs(run) != before:
+        sys.exit(f"error: {run} is between epochs (history.csv and its backup disagree): wait for the epoch "
+                 "to end, or resume a stopped run, then ship")
+    return classifier
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--data-dir", default="../shared/data")
     args = parser.parse_args()
 
+    # Everything that can fail comes before the first file in weights/ is replaced.
     runs = stages(args.run)
     histories = [read_history(run / "history.csv", restored_epoch(run)) for run in runs]
     runs = shipped_stages(runs, histories)
     history = joined_history(histories[:len(runs)])
+    recipes = [recipe_of(run) for run in runs]
     shipped = runs[-1]
-    classifier = load_classifier(shipped / "best.weights.h5", precision="float32")
-    target = WEIGHTS / f"{NAME}.weights.h5"
-    atomic_save_weights(classifier.model, target)  # weights only: no optimizer state
-    atomic_write_text(WEIGHTS / f"{NAME}.config.toml", (shipped / "config.toml").read_text())
-    stage_configs = {WEIGHTS / f"{NAME}.stage{number}.config.toml": run for number, run in enumerate(runs[:-1], 1)}
-    for path, run in stage_configs.items():
-        atomic_write_text(path, (run / "config.toml").read_text())
-    for stale in set(WEIGHTS.glob(f"{NAME}.stage*.config.toml")) - set(stage_configs):
-        stale.unlink()
-    write_history(history, WEIGHTS / f"{NAME}.history.csv")
-
-    # The shipped file itself, through evaluate's own code: one pass over the test
-    # set, whose first 1,000 images (exact CIFAR-10 pixels) are scored again alone.
-    classifier = load_classifier(target, variant="paper", preprocessing_json=shipped / "preprocessing.json",
-                                 precision="float32")
-    _, (x_test, y_test) = load_cifar10(args.data_dir)
-    probabilities = classifier.probabilities(x_test)
-    full = metrics(probabilities, y_test)
-    exact = metrics(probabilities[:1000], y_test[:1000])
-    plot_history(history, WEIGHTS / f"{NAME}.curves.png")
+    try:
+        _, (x_test, y_test) = load_cifar10(args.data_dir)
+    except DataError as e:
+        sys.exit(f"error: {e}")
     best = max(history, key=lambda row: float(row["val_accuracy"]))
     summary = run_summary(shipped)
-    accuracy = {"test_top1": full["top1"], "test_top5": full["top5"], "test_loss": full["loss"],
-                "test_0_999_top1": exact["top1"], "val_top1": float(best["val_accuracy"]),
-                "measured_with": "allcnn evaluate's code (Classifier + metrics), float32, ../shared/data test_batch"}
-    recipes = [recipe_of(run) for run in runs]
     produced = {"recipe": recipes if len(recipes) > 1 else recipes[0],
                 "command": f"scripts/train_release.sh DATA_DIR RUN_DIR {len(runs)}",
                 "epochs_trained": len(history),
@@ -134,7 +141,30 @@ def main() -> None:
                 "train_hours": round(sum(float(r["epoch_seconds"]) for r in history) / 3600, 2),
                 "hardware": summary["device"], "precision": summary["precision"], "backend": summary["backend"],
                 "evaluated_on": hardware.describe(None)}
+
+    target = WEIGHTS / f"{NAME}.weights.h5"
+    with atomic_write(target, suffix=".weights.h5") as pending:
+        load_best(shipped).model.save_weights(pending, overwrite=True)  # weights only: no optimizer state
+        # The file to ship, through evaluate's own code: one pass over the test set,
+        # whose first 1,000 images (exact CIFAR-10 pixels) are scored again alone.
+        classifier = load_classifier(pending, variant="paper", preprocessing_json=shipped / "preprocessing.json",
+                                     precision="float32")
+        probabilities = classifier.probabilities(x_test)
+    full = metrics(probabilities, y_test)
+    exact = metrics(probabilities[:1000], y_test[:1000])
+    accuracy = {"test_top1": full["top1"], "test_top5": full["top5"], "test_loss": full["loss"],
+                "test_0_999_top1": exact["top1"], "val_top1": float(best["val_accuracy"]),
+                "measured_with": "allcnn evaluate's code (Classifier + metrics), float32, ../shared/data test_batch"}
     entry = write_manifest_entry(target, shipped, name=NAME, accuracy=accuracy, produced=produced)
+
+    atomic_write_text(WEIGHTS / f"{NAME}.config.toml", (shipped / "config.toml").read_text())
+    stage_configs = {WEIGHTS / f"{NAME}.stage{number}.config.toml": run for number, run in enumerate(runs[:-1], 1)}
+    for path, run in stage_configs.items():
+        atomic_write_text(path, (run / "config.toml").read_text())
+    for stale in set(WEIGHTS.glob(f"{NAME}.stage*.config.toml")) - set(stage_configs):
+        stale.unlink()
+    write_history(history, WEIGHTS / f"{NAME}.history.csv")
+    plot_history(history, WEIGHTS / f"{NAME}.curves.png")
     json.dump(entry["accuracy"] | {"produced": entry["produced"]}, sys.stdout, indent=2)
     print()
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the shipped weights from scratch in stages, resuming whichever stage was
 # interrupted (run it again after any stop), then writes weights/allcnn-c.weights.h5
-# and its manifest entry from the last stage run:
+# and its manifest entry (scripts/ship_weights.py: the stage, up to LAST_STAGE, with the
+# best validation epoch):
 #   stage 1: configs/release-stage1.toml, 60 epochs from a random init, in RUN_DIR;
 #   stage 2: configs/release-stage2.toml, 120 epochs from stage 1's last weights, in RUN_DIR-stage2;
 #   stage 3: configs/release.toml, 100 epochs from stage 2's last weights, in RUN_DIR-stage3.

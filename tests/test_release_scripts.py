@@ -106,6 +106,28 @@ def test_ship_weights_ships_the_best_stage_with_the_stages_before_it(tmp_path, c
     assert (weights / "allcnn-c.curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_ship_weights_fails_in_one_line_and_leaves_weights_as_they_were(tmp_path, cifar_dir, monkeypatch, capsys):
+    ship = _ship_weights()
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    monkeypatch.setattr(ship, "WEIGHTS", weights)
+    run = _trained_stage(tmp_path, "release", "release-stage1", [0.5, 0.6])
+
+    def fails(*args: str) -> str:
+        monkeypatch.setattr("sys.argv", ["ship_weights.py", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            ship.main()
+        assert list(weights.iterdir()) == []
+        return str(exit_info.value.code)
+
+    assert fails(str(tmp_path / "nowhere")) == f"error: {tmp_path / 'nowhere'} is not a run folder (no config.toml)"
+    assert fails(str(run), "--data-dir", str(tmp_path / "nodata")).startswith("error: ")
+    with open(run / "history.csv", "a") as history:  # an epoch logged, its backup not yet written
+        history.write("2,0.9,60.0,1.0,0.01,0.7,1.0\n")
+    assert "is between epochs" in fails(str(run), "--data-dir", str(cifar_dir))
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def _fake_tools(bin_dir: Path, log: Path) -> None:
     """`allcnn` and `python` stand-ins that log their arguments; `allcnn train`
     creates the run folder's config.toml, as the real one does."""

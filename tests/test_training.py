@@ -44,6 +44,19 @@ def test_two_epochs_write_the_whole_run_folder(cifar_dir, tmp_path):
     assert summary["best_val_accuracy"] == max(float(r["val_accuracy"]) for r in rows)
 
 
+def test_backup_marker_names_its_weights(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    assert _train("--data-dir", str(cifar_dir), "--out", str(out), *TINY).exit_code == 0
+    assert json.loads((out / "backup" / "training_metadata.json").read_text())["weights"] == "epoch-2.weights.h5"
+    assert sorted(p.name for p in (out / "backup").glob("*.weights.h5")) == ["epoch-2.weights.h5"]
+    # A kill after the next epoch's weights landed but before its marker did: the
+    # marker still names epoch 2's file, so resume never reads the newer (here broken) ones.
+    for stray in ("epoch-3.weights.h5", "latest.weights.h5"):
+        (out / "backup" / stray).write_bytes(b"not weights")
+    result = _train("--resume", "--out", str(out), "--data-dir", str(cifar_dir))
+    assert result.exit_code == 0, result.output
+
+
 def test_existing_run_is_refused_and_kept(cifar_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -80,9 +93,17 @@ def test_bad_config_names_the_key(line, message, tmp_path):
     assert result.exit_code == 2 and message in result.output
 
 
-def test_resume_refuses_recipe_flags(tmp_path):
-    result = _train("--resume", "--lr", "0.1", "--out", str(tmp_path))
-    assert result.exit_code == 2 and "drop --lr" in result.output
+@pytest.mark.parametrize("flags, dropped", [(["--lr", "0.1"], "--lr"), (["--config", "paper"], "--config"),
+                                            (["--overwrite"], "--overwrite")])
+def test_resume_refuses_recipe_flags(flags, dropped, tmp_path):
+    result = _train("--resume", *flags, "--out", str(tmp_path))
+    assert result.exit_code == 2 and f"drop {dropped}" in result.output
+
+
+def test_wrong_data_dir_leaves_no_run_folder(tmp_path):
+    result = _train("--data-dir", str(tmp_path / "nodata"), "--out", str(tmp_path / "run"), *TINY)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # so the corrected command is not refused
 
 
 def test_gpu_request_without_gpu(cifar_dir, tmp_path):
@@ -160,11 +181,15 @@ def test_kill_9_during_epoch_2_then_resume_matches_uninterrupted(cifar_dir, tmp_
     process.wait()
     assert len(_history(killed)) == 1
 
-    resumed = _run_cli(["--resume", "--out", str(killed), "--data-dir", str(cifar_dir)])
+    resumed = _run_cli(["--resume", "--out", str(killed), "--data-dir", str(cifar_dir), "--device", "cpu"])
     output = resumed.communicate()[0]
     assert resumed.returncode == 0, output
     assert _history(killed) == _history(reference)
-    assert json.loads((killed / "summary.json").read_text())["epochs"] == 3
+    summary = (killed / "summary.json").read_text()
+    assert json.loads(summary)["epochs"] == 3
+    # Resuming a finished run trains nothing and keeps the summary of the sessions that trained.
+    assert _train("--resume", "--out", str(killed), "--data-dir", str(cifar_dir)).exit_code == 0
+    assert (killed / "summary.json").read_text() == summary
 
 
 def test_nan_loss_stops_with_advice(cifar_dir, tmp_path):
@@ -173,6 +198,10 @@ def test_nan_loss_stops_with_advice(cifar_dir, tmp_path):
                     "--schedule", "constant")
     assert result.exit_code == 1, result.output
     assert "the loss became NaN; the learning rate (1000000000000.0) is probably too high" in result.output
+    assert "(no epoch completed)" in result.output
+    # Stopped inside epoch 1: no NaN weights saved, no epoch marked done for --resume.
+    assert not (tmp_path / "run" / "last.weights.h5").exists()
+    assert not (tmp_path / "run" / "backup" / "training_metadata.json").exists()
 
 
 def test_initial_weights_start_a_warm_restart(cifar_dir, tmp_path, monkeypatch):
@@ -181,6 +210,11 @@ def test_initial_weights_start_a_warm_restart(cifar_dir, tmp_path, monkeypatch):
     missing = _train("--data-dir", str(cifar_dir), "--out", str(tmp_path / "bad"), "--initial-weights",
                      str(tmp_path / "none.weights.h5"), *TINY)
     assert missing.exit_code == 1 and "initial_weights:" in missing.output and "no such weights file" in missing.output
+    assert not (tmp_path / "bad").exists()
+    inside = _train("--data-dir", str(cifar_dir), "--out", str(first), "--overwrite", "--initial-weights",
+                    str(first / "last.weights.h5"), *TINY)
+    assert inside.exit_code == 1 and "which --overwrite would delete" in inside.output
+    assert (first / "last.weights.h5").is_file()
 
     monkeypatch.chdir(tmp_path)  # a relative path is stored absolute, so the run resumes from anywhere
     result = _train("--data-dir", str(cifar_dir), "--out", str(second), "--initial-weights",

@@ -65,6 +65,27 @@ def test_manifest_sha256(weights, tmp_path):
         resolve_weights(weights_dir=tmp_path / "nothing")
 
 
+@pytest.mark.parametrize("manifest, message", [
+    ([], "expected an object"),
+    ({"weights": ["x"]}, "expected an object"),
+    ({"default": "a", "weights": [{"name": "a", "file": "a.weights.h5"}]}, "lacks sha256, variant, preprocessing"),
+])
+def test_malformed_manifest_is_one_error(manifest, message, tmp_path):
+    from allcnn.weights_io import WeightsError, resolve_weights
+
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(WeightsError, match=message):
+        resolve_weights(weights_dir=tmp_path)
+
+
+def test_preprocessing_json_must_be_an_object(tmp_path):
+    from allcnn.preprocessing import Preprocessing
+
+    (tmp_path / "p.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object, got list"):
+        Preprocessing.load(tmp_path / "p.json")
+
+
 LEGACY = textwrap.dedent("""
     import sys, numpy as np, tf_keras as k
     L = k.layers
