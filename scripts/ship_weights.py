@@ -140,21 +140,22 @@ def main() -> None:
                 "best_epoch": int(best["epoch"]) + 1,
                 "train_hours": round(sum(float(r["epoch_seconds"]) for r in history) / 3600, 2),
                 "hardware": summary["device"], "precision": summary["precision"], "backend": summary["backend"],
-                "evaluated_on": hardware.describe(None)}
+}
 
     target = WEIGHTS / f"{NAME}.weights.h5"
     with atomic_write(target, suffix=".weights.h5") as pending:
         load_best(shipped).model.save_weights(pending, overwrite=True)  # weights only: no optimizer state
         # The file to ship, through evaluate's own code: one pass over the test set,
         # whose first 1,000 images (exact CIFAR-10 pixels) are scored again alone.
-        classifier = load_classifier(pending, variant="paper", preprocessing_json=shipped / "preprocessing.json",
-                                     precision="float32")
+        classifier = load_classifier(pending, variant=load_config(shipped / "config.toml").variant,
+                                     preprocessing_json=shipped / "preprocessing.json", precision="float32")
         probabilities = classifier.probabilities(x_test)
     full = metrics(probabilities, y_test)
     exact = metrics(probabilities[:1000], y_test[:1000])
     accuracy = {"test_top1": full["top1"], "test_top5": full["top5"], "test_loss": full["loss"],
                 "test_0_999_top1": exact["top1"], "val_top1": float(best["val_accuracy"]),
                 "measured_with": "allcnn evaluate's code (Classifier + metrics), float32, ../shared/data test_batch"}
+    produced["evaluated_on"] = classifier.device
     entry = write_manifest_entry(target, shipped, name=NAME, accuracy=accuracy, produced=produced)
 
     atomic_write_text(WEIGHTS / f"{NAME}.config.toml", (shipped / "config.toml").read_text())
