@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from allcnn import hardware
-from allcnn.config import load_config
+from allcnn.config import TrainConfig, load_config
 from allcnn.data import DataError, load_cifar10
 from allcnn.evaluation import metrics
 from allcnn.files import atomic_write, atomic_write_text
@@ -56,10 +56,9 @@ def stages(run: Path) -> list[Path]:
         runs.insert(0, Path(initial).parent)
 
 
-def recipe_of(run: Path) -> str:
+def recipe_of(run: Path, config: TrainConfig) -> str:
     """The file in configs/ that run was trained with: the one whose settings it
     has (the starting weights aside), so the manifest names stages by content."""
-    config = load_config(run / "config.toml")
     for path in sorted(configs_dir().glob("release*.toml")):
         if load_config(path, initial_weights=config.initial_weights) == config:
             return f"configs/{path.name}"
@@ -125,7 +124,8 @@ def main() -> None:
     histories = [read_history(run / "history.csv", restored_epoch(run)) for run in runs]
     runs = shipped_stages(runs, histories)
     history = joined_history(histories[:len(runs)])
-    recipes = [recipe_of(run) for run in runs]
+    configs = [load_config(run / "config.toml") for run in runs]
+    recipes = [recipe_of(run, config) for run, config in zip(runs, configs)]
     shipped = runs[-1]
     try:
         _, (x_test, y_test) = load_cifar10(args.data_dir)
@@ -136,18 +136,17 @@ def main() -> None:
     produced = {"recipe": recipes if len(recipes) > 1 else recipes[0],
                 "command": f"scripts/train_release.sh DATA_DIR RUN_DIR {len(runs)}",
                 "epochs_trained": len(history),
-                "planned_epochs": sum(load_config(run / "config.toml").epochs for run in runs),
+                "planned_epochs": sum(config.epochs for config in configs),
                 "best_epoch": int(best["epoch"]) + 1,
                 "train_hours": round(sum(float(r["epoch_seconds"]) for r in history) / 3600, 2),
-                "hardware": summary["device"], "precision": summary["precision"], "backend": summary["backend"],
-}
+                "hardware": summary["device"], "precision": summary["precision"], "backend": summary["backend"]}
 
     target = WEIGHTS / f"{NAME}.weights.h5"
     with atomic_write(target, suffix=".weights.h5") as pending:
         load_best(shipped).model.save_weights(pending, overwrite=True)  # weights only: no optimizer state
         # The file to ship, through evaluate's own code: one pass over the test set,
         # whose first 1,000 images (exact CIFAR-10 pixels) are scored again alone.
-        classifier = load_classifier(pending, variant=load_config(shipped / "config.toml").variant,
+        classifier = load_classifier(pending, variant=configs[-1].variant,
                                      preprocessing_json=shipped / "preprocessing.json", precision="float32")
         probabilities = classifier.probabilities(x_test)
     full = metrics(probabilities, y_test)

@@ -38,14 +38,14 @@ def test_stages_are_named_by_the_recipe_they_were_trained_with(tmp_path):
                          initial_weights=str(stage1 / "last.weights.h5"))
     stage3 = _run_folder(tmp_path, "release-stage3", "release", initial_weights=str(stage2 / "last.weights.h5"))
     assert ship.stages(stage3) == [stage1, stage2, stage3]
-    assert [ship.recipe_of(run) for run in ship.stages(stage3)] == [
+    assert [ship.recipe_of(run, load_config(run / "config.toml")) for run in ship.stages(stage3)] == [
         "configs/release-stage1.toml", "configs/release-stage2.toml", "configs/release.toml"]
 
 
 def test_a_run_that_matches_no_recipe_is_refused(tmp_path):
     run = _run_folder(tmp_path, "other", "release", epochs=7)
     with pytest.raises(SystemExit, match="no configs/release"):
-        _ship_weights().recipe_of(run)
+        _ship_weights().recipe_of(run, load_config(run / "config.toml"))
 
 
 def test_a_later_stage_ships_only_if_it_beats_the_earlier_ones_on_validation(capsys):
