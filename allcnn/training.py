@@ -45,6 +45,18 @@ class RunError(RuntimeError):
     """The run folder is not in a state that allows what was asked."""
 
 
+def read_run_json(path: Path, *keys: str) -> dict:
+    """A JSON file the run folder keeps, checked for `keys`, so a damaged one fails in one line."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path}: not valid JSON ({e}); the run folder is damaged") from None
+    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise RunError(f"{path}: missing {', '.join(missing)}; the run folder is damaged")
+    return data
+
+
 @keras.saving.register_keras_serializable("allcnn")
 class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
     """The lr per step: linear warm-up, then `step`, `cosine`, `onecycle` or `constant`.
@@ -160,7 +172,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     def _load_model(self):
         marker = Path(self._training_metadata_path)
         if marker.exists():
-            named = json.loads(marker.read_text()).get("weights")
+            named = read_run_json(marker, "epoch").get("weights")
             self._weights_path = str(marker.parent / named) if named else self._weights_path
         super()._load_model()
 
@@ -195,7 +207,7 @@ def tensorboard(logdir: Path) -> list[keras.callbacks.Callback]:
 def restored_epoch(run: Path) -> int:
     """How many epochs the backup in `run` holds (0 when there is none)."""
     marker = run / BACKUP / "training_metadata.json"
-    return json.loads(marker.read_text())["epoch"] if marker.exists() else 0
+    return read_run_json(marker, "epoch")["epoch"] if marker.exists() else 0
 
 
 def _history_rows(path: Path, epochs: int) -> tuple[str, list[str], list[dict]]:
@@ -260,7 +272,8 @@ def prepare_run(out: Path, config: TrainConfig, resume: bool, overwrite: bool, l
     the same global batches.
     """
     if resume:
-        started = json.loads((out / DISTRIBUTION).read_text()) if (out / DISTRIBUTION).exists() else None
+        path = out / DISTRIBUTION
+        started = read_run_json(path, "replicas", "global_batch_size") if path.exists() else None
         if started and started["replicas"] != layout["replicas"]:
             raise RunError(f"{out} was started on {started['replicas']} replicas (global batch "
                            f"{started['global_batch_size']}); resume it on as many, not {layout['replicas']}")
@@ -455,7 +468,7 @@ def write_summary(out: Path, config: TrainConfig, history: list[dict], policy: s
     """
     new_epochs = len(history) - start_epoch
     if not new_epochs and (out / "summary.json").exists():
-        return json.loads((out / "summary.json").read_text())
+        return read_run_json(out / "summary.json")
     seconds = sum(float(row["epoch_seconds"]) for row in history)
     summary = {
         "epochs": len(history),

@@ -55,6 +55,14 @@ def test_backup_marker_names_its_weights(cifar_dir, tmp_path):
         (out / "backup" / stray).write_bytes(b"not weights")
     result = _train("--resume", "--out", str(out), "--data-dir", str(cifar_dir))
     assert result.exit_code == 0, result.output
+    # Damaged bookkeeping fails in one line that names the file, and changes nothing.
+    for damaged, text in ((out / "distribution.json", "{}"), (out / "backup" / "training_metadata.json", "{no")):
+        kept = damaged.read_text()
+        damaged.write_text(text)
+        result = _train("--resume", "--out", str(out), "--data-dir", str(cifar_dir))
+        assert result.exit_code == 1 and f"{damaged}: " in result.output and "damaged" in result.output, result.output
+        assert result.output.count("Error: ") == 1 and "Traceback" not in result.output and damaged.read_text() == text
+        damaged.write_text(kept)
 
 
 def test_existing_run_is_refused_and_kept(cifar_dir, tmp_path):
