@@ -34,12 +34,12 @@ def _run_folder(root: Path, name: str, recipe: str, **overrides) -> Path:
 def test_stages_are_named_by_the_recipe_they_were_trained_with(tmp_path):
     ship = _ship_weights()
     stage1 = _run_folder(tmp_path, "release", "release-stage1")
-    stage2 = _run_folder(tmp_path, "release-stage2", "release-stage2",
+    stage2 = _run_folder(tmp_path, "release-stage2", "release",
                          initial_weights=str(stage1 / "last.weights.h5"))
-    stage3 = _run_folder(tmp_path, "release-stage3", "release", initial_weights=str(stage2 / "last.weights.h5"))
+    stage3 = _run_folder(tmp_path, "release-stage3", "release-stage3", initial_weights=str(stage2 / "last.weights.h5"))
     assert ship.stages(stage3) == [stage1, stage2, stage3]
     assert [ship.recipe_of(run, load_config(run / "config.toml")) for run in ship.stages(stage3)] == [
-        "configs/release-stage1.toml", "configs/release-stage2.toml", "configs/release.toml"]
+        "configs/release-stage1.toml", "configs/release.toml", "configs/release-stage3.toml"]
 
 
 def test_a_run_that_matches_no_recipe_is_refused(tmp_path):
@@ -86,15 +86,15 @@ def test_ship_weights_ships_the_best_stage_with_the_stages_before_it(tmp_path, c
     (weights / "allcnn-c.stage2.config.toml").write_text("stale")
     monkeypatch.setattr(ship, "WEIGHTS", weights)
     stage1 = _trained_stage(tmp_path, "release", "release-stage1", [0.5, 0.6])
-    stage2 = _trained_stage(tmp_path, "release-stage2", "release-stage2", [0.55, 0.7, 0.65],
+    stage2 = _trained_stage(tmp_path, "release-stage2", "release", [0.55, 0.7, 0.65],
                             initial_weights=str(stage1 / "last.weights.h5"))
-    stage3 = _trained_stage(tmp_path, "release-stage3", "release", [0.68],
+    stage3 = _trained_stage(tmp_path, "release-stage3", "release-stage3", [0.68],
                             initial_weights=str(stage2 / "last.weights.h5"))
     monkeypatch.setattr("sys.argv", ["ship_weights.py", str(stage3), "--data-dir", str(cifar_dir)])
     ship.main()
 
     entry = json.loads((weights / "manifest.json").read_text())["weights"][0]
-    assert entry["produced"]["recipe"] == ["configs/release-stage1.toml", "configs/release-stage2.toml"]
+    assert entry["produced"]["recipe"] == ["configs/release-stage1.toml", "configs/release.toml"]
     assert entry["produced"]["command"] == "scripts/train_release.sh DATA_DIR RUN_DIR 2"
     assert (entry["produced"]["epochs_trained"], entry["produced"]["planned_epochs"]) == (5, 180)
     assert (entry["produced"]["best_epoch"], entry["accuracy"]["val_top1"]) == (4, 0.7)
@@ -154,14 +154,14 @@ def _train_release(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_train_release_chains_stages_then_resumes_them(tmp_path):
     run = tmp_path / "r"
+    assert _train_release(tmp_path, "DATA", str(run), "3").returncode == 0
     assert _train_release(tmp_path, "DATA", str(run)).returncode == 0
-    assert _train_release(tmp_path, "DATA", str(run), "2").returncode == 0
     assert (tmp_path / "calls.log").read_text().splitlines() == [
         f"allcnn train --config release-stage1 --out {run} --data-dir DATA",
-        f"allcnn train --config release-stage2 --out {run}-stage2 --data-dir DATA --initial-weights {run}/last.weights.h5",
-        f"allcnn train --config release --out {run}-stage3 --data-dir DATA --initial-weights {run}-stage2/last.weights.h5",
+        f"allcnn train --config release --out {run}-stage2 --data-dir DATA --initial-weights {run}/last.weights.h5",
+        f"allcnn train --config release-stage3 --out {run}-stage3 --data-dir DATA --initial-weights {run}-stage2/last.weights.h5",
         f"python ship_weights.py {run}-stage3 --data-dir DATA",
-        # Run again with LAST_STAGE 2: both stages exist, so both resume, and stage 2 ships.
+        # Run again with the default LAST_STAGE, 2: both stages exist, so both resume, and stage 2 ships.
         f"allcnn train --resume --out {run} --data-dir DATA",
         f"allcnn train --resume --out {run}-stage2 --data-dir DATA",
         f"python ship_weights.py {run}-stage2 --data-dir DATA",
