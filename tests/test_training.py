@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from allcnn.cli import main
 from allcnn.hardware import Accelerator, choose_precision, cpu_flags, cpu_name, has_native_bf16, resolve_precision
 from allcnn.training import LearningRate, trim_history
+from conftest import write_cifar_folder
 
 TINY = ["--epochs", "2", "--batch-size", "16", "--val-size", "40", "--precision", "float32", "--lr", "0.01"]
 
@@ -174,8 +175,10 @@ def _history(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_kill_9_during_epoch_2_then_resume_matches_uninterrupted(cifar_dir, tmp_path):
-    args = ["--data-dir", str(cifar_dir), "--epochs", "3", "--batch-size", "8", "--val-size", "40",
+def test_kill_9_during_epoch_2_then_resume_matches_uninterrupted(tmp_path):
+    # 1,000 images: an epoch lasts seconds (120 steps), so the kill lands inside one even on a fast machine.
+    data = write_cifar_folder(tmp_path / "data", per_batch=200).parent
+    args = ["--data-dir", str(data), "--epochs", "3", "--batch-size", "8", "--val-size", "40",
             "--precision", "float32", "--schedule", "cosine", "--warmup-epochs", "1", "--lr", "0.01"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert _run_cli([*args, "--out", str(reference)]).wait() == 0
@@ -184,19 +187,19 @@ def test_kill_9_during_epoch_2_then_resume_matches_uninterrupted(cifar_dir, tmp_
     deadline = time.time() + 300
     while "Epoch 2/3" not in (line := process.stdout.readline()):
         assert line and time.time() < deadline, "the run never reached epoch 2"
-    time.sleep(1.0)  # well inside epoch 2
+    time.sleep(0.5)  # inside epoch 2: some of its steps trained
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert len(_history(killed)) == 1
 
-    resumed = _run_cli(["--resume", "--out", str(killed), "--data-dir", str(cifar_dir), "--device", "cpu"])
+    resumed = _run_cli(["--resume", "--out", str(killed), "--data-dir", str(data), "--device", "cpu"])
     output = resumed.communicate()[0]
     assert resumed.returncode == 0, output
     assert _history(killed) == _history(reference)
     summary = (killed / "summary.json").read_text()
     assert json.loads(summary)["epochs"] == 3
     # Resuming a finished run trains nothing and keeps the summary of the sessions that trained.
-    assert _train("--resume", "--out", str(killed), "--data-dir", str(cifar_dir)).exit_code == 0
+    assert _train("--resume", "--out", str(killed), "--data-dir", str(data)).exit_code == 0
     assert (killed / "summary.json").read_text() == summary
 
 
