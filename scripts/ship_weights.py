@@ -25,7 +25,7 @@ from allcnn.files import atomic_write, atomic_write_text
 from allcnn.inference import load_classifier
 from allcnn.plots import plot_history
 from allcnn.resources import configs_dir
-from allcnn.training import read_history, restored_epoch
+from allcnn.training import RunError, read_history, read_run_json, restored_epoch
 from allcnn.weights_io import write_manifest_entry
 
 NAME = "allcnn-c"
@@ -36,7 +36,7 @@ def run_summary(run: Path) -> dict:
     """summary.json of a finished run; for one still training (shipping an interim
     best), what this machine would write, since the run trains here."""
     if (run / "summary.json").exists():
-        return json.loads((run / "summary.json").read_text())
+        return read_run_json(run / "summary.json", "device", "precision", "backend")
     import keras
 
     config = load_config(run / "config.toml")
@@ -113,24 +113,17 @@ def load_best(run: Path):
     return classifier
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path)
-    parser.add_argument("--data-dir", default="../shared/data")
-    args = parser.parse_args()
-
+def ship(last_stage: Path, data_dir: str) -> dict:
+    """Ships `last_stage` (or the earlier stage that scored best) into weights/; returns its manifest entry."""
     # Everything that can fail comes before the first file in weights/ is replaced.
-    runs = stages(args.run)
+    runs = stages(last_stage)
     histories = [read_history(run / "history.csv", restored_epoch(run)) for run in runs]
     runs = shipped_stages(runs, histories)
     history = joined_history(histories[:len(runs)])
     configs = [load_config(run / "config.toml") for run in runs]
     recipes = [recipe_of(run, config) for run, config in zip(runs, configs)]
     shipped = runs[-1]
-    try:
-        _, (x_test, y_test) = load_cifar10(args.data_dir)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    _, (x_test, y_test) = load_cifar10(data_dir)
     best = max(history, key=lambda row: float(row["val_accuracy"]))
     summary = run_summary(shipped)
     produced = {"recipe": recipes if len(recipes) > 1 else recipes[0],
@@ -165,6 +158,18 @@ def main() -> None:
         stale.unlink()
     write_history(history, WEIGHTS / f"{NAME}.history.csv")
     plot_history(history, WEIGHTS / f"{NAME}.curves.png")
+    return entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--data-dir", default="../shared/data")
+    args = parser.parse_args()
+    try:
+        entry = ship(args.run, args.data_dir)
+    except (DataError, RunError) as e:  # a wrong --data-dir, a damaged run folder
+        sys.exit(f"error: {e}")
     json.dump(entry["accuracy"] | {"produced": entry["produced"]}, sys.stdout, indent=2)
     print()
 

@@ -122,6 +122,11 @@ def test_ship_weights_fails_in_one_line_and_leaves_weights_as_they_were(tmp_path
 
     assert fails(str(tmp_path / "nowhere")) == f"error: {tmp_path / 'nowhere'} is not a run folder (no config.toml)"
     assert fails(str(run), "--data-dir", str(tmp_path / "nodata")).startswith("error: ")
+    summary = (run / "summary.json").read_text()
+    (run / "summary.json").write_text("{}")
+    assert fails(str(run), "--data-dir", str(cifar_dir)) == (
+        f"error: {run / 'summary.json'}: missing device, precision, backend; the run folder is damaged")
+    (run / "summary.json").write_text(summary)
     with open(run / "history.csv", "a") as history:  # an epoch logged, its backup not yet written
         history.write("2,0.9,60.0,1.0,0.01,0.7,1.0\n")
     assert "is between epochs" in fails(str(run), "--data-dir", str(cifar_dir))
