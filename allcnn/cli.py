@@ -14,7 +14,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from allcnn.config import DEVICES, DISTRIBUTE_MODES, LR_SCALINGS, PRECISIONS, SCHEDULES, ConfigError
+from allcnn.config import DEVICES, DISTRIBUTE_MODES, LR_SCALINGS, PRECISIONS, SCHEDULES, TTA_MODES, ConfigError
+from allcnn.errors import AllcnnError
 
 # TensorFlow's C++ start-up chatter is noise for a CLI user.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -41,16 +42,17 @@ def _import_keras_quietly() -> None:
 
 @contextlib.contextmanager
 def user_errors():
-    """Turns the package's expected errors into one line and a non-zero exit."""
-    from allcnn.data import DataError
-    from allcnn.hardware import DeviceError
-
+    """Turns what a user can cause (`AllcnnError`) into one line and a non-zero exit:
+    2 for a bad flag or recipe, 1 otherwise. Anything else is a bug and keeps its
+    traceback; `allcnn --debug` shows the traceback of user errors too."""
     try:
         _import_keras_quietly()
         yield
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
-    except (DataError, DeviceError, OSError, ValueError, RuntimeError) as e:
+    except AllcnnError as e:
+        if click.get_current_context().find_root().params.get("debug"):
+            raise
+        if isinstance(e, ConfigError):
+            raise click.UsageError(str(e)) from None
         raise click.ClickException(str(e)) from None
 
 
@@ -64,7 +66,8 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default=Non
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="allcnn")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an error instead of one line.")
+def main(debug: bool) -> None:
     """All-CNN-C (Springenberg et al., 2015) on CIFAR-10 with Keras 3."""
 
 
@@ -81,6 +84,10 @@ def main() -> None:
               help="The paper's weight decay (0.001); the kernels get keras l2(weight_decay / 2).")
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True))
 @click.option("--augment/--no-augment", default=None, help="Random flips and translations.")
+@click.option("--ema/--no-ema", "use_ema", default=None,
+              help="Validate and checkpoint a moving average of the weights (SGD use_ema).")
+@click.option("--ema-momentum", type=click.FloatRange(0, 1, max_open=True),
+              help="Weight of the old average at each step (0.999: about the last 1,000 steps).")
 @click.option("--variant", type=click.Choice(["paper", "tutorial"]))
 @click.option("--precision", type=click.Choice(PRECISIONS),
               help="auto: bf16 only where the hardware has it natively.")
@@ -123,17 +130,12 @@ def train(config_path, data_dir, out, resume, overwrite, test, coordinator_addre
             from allcnn.distribute import join_cluster
 
             join_cluster(coordinator_address, num_processes, process_id)
+        if flags["initial_weights"]:  # absolute, so that the run's config.toml works from anywhere
+            flags["initial_weights"] = str(flags["initial_weights"].resolve())
         if resume:
-            given = [k for k, v in flags.items() if v is not None and k != "device"]  # a run may change device
-            given += [k for k in ("config_path", "overwrite")
-                      if click.get_current_context().get_parameter_source(k) is not ParameterSource.DEFAULT]
-            if given:
-                flag = {"config_path": "config"}.get(given[0], given[0]).replace("_", "-")
-                raise ConfigError(f"--resume continues {out}/config.toml as it is; drop --{flag}")
+            _check_resume_flags(out, config_path, flags)
             config = None
         else:
-            if flags["initial_weights"]:  # absolute, so that the run's config.toml works from anywhere
-                flags["initial_weights"] = str(flags["initial_weights"].resolve())
             config = load_config(config_path, **flags)
         from allcnn.distribute import WorkerLost
         from allcnn.training import train as run_training
@@ -158,6 +160,28 @@ def train(config_path, data_dir, out, resume, overwrite, test, coordinator_addre
     if "test_accuracy" in summary:
         line += f", test accuracy {summary['test_accuracy']:.4f}"
     click.echo(f"{line}; run folder {out}")
+
+
+def _check_resume_flags(out: Path, config_path: str, flags: dict) -> None:
+    """--resume continues the run's config.toml: recipe flags (and --config) that agree
+    with it are accepted, so the command that started a run also resumes it; flags that
+    differ are refused by name. --device may differ: a run may move."""
+    from allcnn.config import load_config
+
+    context = click.get_current_context()
+    if context.get_parameter_source("overwrite") is not ParameterSource.DEFAULT:
+        raise ConfigError(f"--resume continues the run in {out}; drop --overwrite")
+    given = {k: v for k, v in flags.items() if v is not None and k != "device"}
+    explicit_config = context.get_parameter_source("config_path") is not ParameterSource.DEFAULT
+    if not (given or explicit_config) or not (out / "config.toml").is_file():
+        return  # nothing to compare (a missing run is reported by train)
+    run = load_config(out / "config.toml")
+    wanted = load_config(config_path if explicit_config else out / "config.toml", **given)
+    differ = [key for key, value in vars(wanted).items() if key != "device" and value != getattr(run, key)]
+    if differ:
+        named = ", ".join(f"--{key.replace('_', '-')} {getattr(wanted, key)!r} (run: {getattr(run, key)!r})"
+                          for key in differ)
+        raise ConfigError(f"--resume continues {out}/config.toml as it is; these differ from it: {named}")
 
 
 @main.command()
@@ -211,8 +235,21 @@ weights_options = [
                  help="auto: bf16 where the hardware has it natively, else float32 "
                       "(float32 reproduces the manifest's figures exactly)."),
     click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+    click.option("--tta", type=click.Choice(TTA_MODES), default="none", show_default=True,
+                 help="Test-time augmentation: flip averages each image with its mirror."),
     device_option,
 ]
+
+
+def _parse_indices(ctx, param, value: str | None) -> slice | None:
+    """`A:B` as a Python slice of the split (either end may be left out)."""
+    if value is None:
+        return None
+    try:
+        first, stop = (int(part) if part.strip() else None for part in value.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not A:B, e.g. 0:1000") from None
+    return slice(first, stop)
 
 
 def _with_weights_options(command):
@@ -226,13 +263,17 @@ def _with_weights_options(command):
 @data_dir_option
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
               help="val: the run's 5,000 held-out training images.")
+@click.option("--indices", metavar="A:B", callback=_parse_indices,
+              help="Only images A..B-1 of the split, e.g. 0:1000 (the exact test images of ../shared/data).")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write a confusion-matrix PNG.")
-def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_json, device, data_dir, split, plot):
+def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_json, tta, device, data_dir, split,
+             indices, plot):
     """Loss, top-1, top-5 and per-class accuracy of weights on CIFAR-10.
 
     \b
     Example:
       allcnn evaluate --weights runs/paper/best.weights.h5 --data-dir ../shared/data
+      allcnn evaluate --indices 0:1000 --tta flip --precision float32
     """
     import json
 
@@ -241,7 +282,7 @@ def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_jso
 
         result = run_evaluation(weights, data_dir=data_dir, split=split, batch_size=batch_size,
                                 precision=precision, device=device or "auto", variant=variant,
-                                preprocessing_json=preprocessing_json)
+                                preprocessing_json=preprocessing_json, indices=indices, tta=tta)
         if plot:
             from allcnn.data import CLASS_NAMES
             from allcnn.plots import plot_confusion
@@ -252,7 +293,10 @@ def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_jso
         click.echo(json.dumps(result))
         return
     click.echo(f"weights: {result['weights']} ({result['variant']}, {result['precision']}, {result['device']})")
-    click.echo(f"{split}: {result['images']} images in {result['seconds']:.2f} s ({result['images_per_second']:.0f} images/s)")
+    part = f"images {result['indices']}, " if indices else ""
+    tta_note = ", tta flip" if tta != "none" else ""
+    click.echo(f"{split}: {part}{result['images']} images{tta_note} in {result['seconds']:.2f} s "
+               f"({result['images_per_second']:.0f} images/s)")
     click.echo(f"loss {result['loss']:.4f}   top-1 {result['top1']:.2%}   top-5 {result['top5']:.2%}")
     click.echo(f"{'class':<12}accuracy")
     for name, accuracy in result["per_class"].items():
@@ -265,7 +309,7 @@ def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_jso
 @click.argument("inputs", nargs=-1, required=True)
 @_with_weights_options
 @click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
-def predict(inputs, weights, variant, preprocessing_json, batch_size, precision, as_json, device, top_k):
+def predict(inputs, weights, variant, preprocessing_json, batch_size, precision, as_json, tta, device, top_k):
     """Classify images (files, folders or globs; any format Pillow reads).
 
     Bad files get one line on stderr; the others are still classified and
@@ -278,7 +322,8 @@ def predict(inputs, weights, variant, preprocessing_json, batch_size, precision,
     failed = False
     with user_errors():
         for result in run_prediction(inputs, weights, top_k=top_k, batch_size=batch_size, precision=precision,
-                                     device=device or "auto", variant=variant, preprocessing_json=preprocessing_json):
+                                     device=device or "auto", variant=variant, preprocessing_json=preprocessing_json,
+                                     tta=tta):
             if "error" in result:
                 failed = True
                 click.echo(f"error: {result['error']}", err=True)

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from allcnn.errors import AllcnnError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
+# The names every module checks against live here, so that config imports no other module of the package.
+VARIANTS = ("paper", "tutorial")
+PREPROCESSINGS = ("scale", "standardize", "zca")
 SCHEDULES = ("step", "cosine", "onecycle", "constant")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 DEVICES = ("auto", "cpu", "gpu")
 DISTRIBUTE_MODES = ("none", "auto", "mirrored", "data-parallel")
 LR_SCALINGS = ("linear", "none")
+# Test-time augmentation of evaluate and predict: "flip" averages the probabilities of
+# each image and its mirror (training flips images at random, so the network knows both).
+TTA_MODES = ("none", "flip")
 
 
-class ConfigError(ValueError):
+class ConfigError(AllcnnError, ValueError):
     """A recipe key or flag has a wrong name, type or value."""
 
 
@@ -49,6 +58,11 @@ class TrainConfig:
     dropout: float = 0.5
     kernel_initializer: str = "he_normal"
     batch_norm: bool = False
+    # Polyak averaging (Keras' SGD(use_ema=True)): validation, best.weights.h5 and
+    # last.weights.h5 use the exponential moving average of the weights, which is
+    # less noisy than the weights of the last step while the lr is high.
+    use_ema: bool = False
+    ema_momentum: float = 0.999
     # Weights to start from instead of random init (a warm restart, e.g. a second cosine
     # cycle from a finished run's last.weights.h5); "" trains from scratch.
     initial_weights: str = ""
@@ -63,15 +77,12 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Checks values, naming the offending key."""
-        from allcnn.model import VARIANTS
-        from allcnn.preprocessing import METHODS
-
         choices = {
             "variant": VARIANTS,
             "schedule": SCHEDULES,
             "precision": PRECISIONS,
             "device": DEVICES,
-            "preprocessing": METHODS,
+            "preprocessing": PREPROCESSINGS,
             "distribute": DISTRIBUTE_MODES,
             "lr_scaling": LR_SCALINGS,
         }
@@ -81,10 +92,15 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "val_size"):  # val_size: the best epoch is chosen on it
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
-        for key in ("lr", "weight_decay", "time_decay", "warmup_epochs", "translate"):
+        for key in (f.name for f in fields(self) if f.type == "float"):  # nan passes every comparison below
+            if not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"{key}: must be a finite number, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be positive, got {self.lr}")
+        for key in ("weight_decay", "time_decay", "warmup_epochs", "translate"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must not be negative, got {getattr(self, key)}")
-        for key in ("label_smoothing", "input_dropout", "dropout", "momentum"):
+        for key in ("label_smoothing", "input_dropout", "dropout", "momentum", "ema_momentum"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be in [0, 1), got {getattr(self, key)}")
         if self.warmup_epochs >= self.epochs and self.schedule != "constant":

@@ -15,6 +15,9 @@ from typing import IO, Callable
 
 import numpy as np
 
+from allcnn.config import ConfigError
+from allcnn.errors import AllcnnError
+
 CLASS_NAMES = (
     "airplane",
     "automobile",
@@ -47,7 +50,7 @@ _ALLOWED_GLOBALS = frozenset(
 )
 
 
-class DataError(Exception):
+class DataError(AllcnnError):
     """CIFAR-10 could not be found or a file in it is not a valid batch."""
 
 
@@ -183,7 +186,7 @@ def train_val_split(
 ) -> tuple[tuple, tuple]:
     """Holds out `val_size` seeded random training images for model selection."""
     if not 0 <= val_size < len(x):
-        raise ValueError(f"val_size must be in 0..{len(x) - 1}, got {val_size}")
+        raise ConfigError(f"val_size: must be in 0..{len(x) - 1}, got {val_size}")
     order = np.random.default_rng(seed).permutation(len(x))
     val, train = order[:val_size], order[val_size:]
     return (x[train], y[train]), (x[val], y[val])

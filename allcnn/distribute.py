@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 import keras
 
+from allcnn.errors import AllcnnError
 
-class DistributeError(RuntimeError):
+
+class DistributeError(AllcnnError, RuntimeError):
     """The requested distribution does not fit this backend or these devices."""
 
 

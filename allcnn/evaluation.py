@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from allcnn.config import ConfigError
 from allcnn.inference import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION, load_classifier
 
 SPLITS = ("test", "val")
@@ -43,27 +44,37 @@ def evaluate(
     variant: str | None = None,
     preprocessing_json: str | os.PathLike | None = None,
     weights_dir: str | os.PathLike | None = None,
+    indices: slice | None = None,
+    tta: str = "none",
 ) -> dict:
     """Evaluates weights on the test split or the run's held-out validation split.
 
     `val` rebuilds the validation images with the run's `val_size` and `seed`
     (from its config.toml or the manifest), so they are the ones training held out.
+    `indices` evaluates a part of the split, e.g. `slice(0, 1000)`: of our copy of
+    CIFAR-10, test images 0..999 are the exact official pixels. `tta="flip"` averages
+    each image with its mirror.
     """
     from allcnn import data
 
     if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     classifier = load_classifier(weights, variant=variant, preprocessing_json=preprocessing_json,
                                  precision=precision, device=device, weights_dir=weights_dir)
     (x_train, y_train), (x, y) = data.load_cifar10(data_dir)
     if split == "val":
         if not classifier.spec.val_size:
-            raise ValueError("this run held out no validation images (val_size = 0); use --split test")
+            raise ConfigError("this run held out no validation images (val_size = 0); use --split test")
         _, (x, y) = data.train_val_split(x_train, y_train, classifier.spec.val_size, classifier.spec.seed)
+    first, stop, _ = (indices or slice(None)).indices(len(x))
+    x, y = x[first:stop], y[first:stop]
+    if not len(x):
+        raise ConfigError(f"indices {first}:{stop} select no images of the {split} split")
     start = time.perf_counter()
-    probabilities = classifier.probabilities(x, batch_size)
+    probabilities = classifier.probabilities(x, batch_size, tta)
     seconds = time.perf_counter() - start
     return {"weights": str(classifier.spec.path), "variant": classifier.spec.variant, "split": split,
-            "images": len(x), **metrics(probabilities, y), "seconds": round(seconds, 3),
+            "indices": f"{first}:{stop}", "tta": tta, "images": len(x), **metrics(probabilities, y),
+            "seconds": round(seconds, 3),
             "images_per_second": round(len(x) / seconds, 1), "precision": classifier.precision,
             "device": classifier.device}

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from allcnn.errors import FileAccessError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -22,8 +24,11 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]
     `suffix` keeps an extension a writer insists on (Keras wants `.weights.h5`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as e:
+        raise FileAccessError.of(e, path) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
     try:
@@ -31,6 +36,8 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk while writing, say
+        raise FileAccessError.of(e, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -12,10 +12,12 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+from allcnn.errors import AllcnnError
+
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-class DeviceError(RuntimeError):
+class DeviceError(AllcnnError, RuntimeError):
     """The requested device does not exist here."""
 
 

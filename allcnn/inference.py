@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from allcnn.config import TTA_MODES, ConfigError
 from allcnn.preprocessing import Preprocessing
 from allcnn.weights_io import WeightsSpec, resolve_weights
 
@@ -76,15 +77,20 @@ class Classifier:
         self.precision, self.device = precision, device
         self._forward = compile_forward(model)
 
-    def probabilities(self, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-        """float32 (N, classes): preprocessing and forward pass, batch by batch."""
+    def probabilities(self, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, tta: str = "none") -> np.ndarray:
+        """float32 (N, classes): preprocessing and forward pass, batch by batch (see `TTA_MODES`)."""
         if batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+            raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+        if tta not in TTA_MODES:
+            raise ConfigError(f"tta {tta!r} is not one of {', '.join(TTA_MODES)}")
         classes = self.model.output_shape[-1]
         out = np.empty((len(images), classes), dtype=np.float32)
         for start in range(0, len(images), batch_size):
-            batch = self.preprocessing(images[start : start + batch_size])
-            out[start : start + len(batch)] = self._forward(batch)
+            batch = images[start : start + batch_size]
+            out[start : start + len(batch)] = self._forward(self.preprocessing(batch))
+            if tta == "flip":  # the mirror image, preprocessed like any other
+                mirrored = self._forward(self.preprocessing(batch[:, :, ::-1]))
+                out[start : start + len(batch)] = (out[start : start + len(batch)] + mirrored) / 2
         return out
 
 
@@ -100,13 +106,13 @@ def load_classifier(
     """Resolves the weights (see `resolve_weights`), builds the model and loads them.
 
     Raises:
-        WeightsError, DeviceError, ValueError: with a one-line message.
+        WeightsError, DeviceError, ConfigError: with a one-line message.
     """
     from allcnn import hardware
     from allcnn.model import build_model
 
     if precision not in INFERENCE_PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(INFERENCE_PRECISIONS)}")
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(INFERENCE_PRECISIONS)}")
     spec = resolve_weights(weights, variant=variant, preprocessing_json=preprocessing_json, weights_dir=weights_dir)
     gpu = hardware.select_device(device)
     policy = hardware.choose_precision(gpu)[0] if precision == "auto" else precision

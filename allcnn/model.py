@@ -9,7 +9,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-VARIANTS = ("paper", "tutorial")
+from allcnn.config import VARIANTS, ConfigError
+
 
 # (filters, kernel, strides, padding, relu) for each convolution, per variant.
 # "paper" follows Table 2 of the paper: ReLU everywhere and a valid 3x3 conv
@@ -87,7 +88,7 @@ def build_model(
         as Keras recommends for mixed precision.
     """
     if variant not in _CONVS:
-        raise ValueError(f"Unknown variant {variant!r}; expected one of {VARIANTS}.")
+        raise ConfigError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
     if input_dropout is None:
         input_dropout = _DEFAULT_INPUT_DROPOUT[variant]
     regularizer = keras.regularizers.l2(weight_decay / 2) if weight_decay else None

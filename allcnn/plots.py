@@ -5,22 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A Figure drawn straight to files (Agg canvas): pyplot's global backend and
+    figure list are left alone, so a notebook's plots are not affected."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only; works without a display
-    import matplotlib.pyplot as plt
+    return Figure(**kwargs)
 
-    return plt
+
+def _save(fig, path: str | Path) -> None:
+    from allcnn.files import atomic_write
+
+    with atomic_write(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
 
 
 def plot_history(history: list[dict], path: str | Path) -> None:
     """Loss and accuracy per epoch, train vs validation, lr on a twin axis."""
-    from allcnn.files import atomic_write
-
-    plt = _pyplot()
     epochs = [int(row["epoch"]) + 1 for row in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig = _figure(figsize=(11, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "accuracy")):
         ax.plot(epochs, [float(r[metric]) for r in history], label=f"train {metric}")
         ax.plot(epochs, [float(r[f"val_{metric}"]) for r in history], label=f"validation {metric}")
@@ -32,21 +36,17 @@ def plot_history(history: list[dict], path: str | Path) -> None:
         lr_axis.set_ylabel("learning rate")
         lines = ax.get_lines() + lr_axis.get_lines()
         ax.legend(lines, [line.get_label() for line in lines], loc="center right")
-    with atomic_write(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_confusion(confusion, class_names, path: str | Path, title: str = "confusion matrix") -> None:
     """Row-normalized confusion matrix (true class down, predicted across), counts in cells."""
     import numpy as np
 
-    from allcnn.files import atomic_write
-
-    plt = _pyplot()
     counts = np.asarray(confusion)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(8, 7), constrained_layout=True)
+    fig = _figure(figsize=(8, 7), layout="constrained")
+    ax = fig.subplots()
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     ticks = range(len(class_names))
     ax.set_xticks(ticks, class_names, rotation=45, ha="right")
@@ -59,6 +59,4 @@ def plot_confusion(confusion, class_names, path: str | Path, title: str = "confu
             ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if rates[i, j] > 0.5 else "black")
     fig.colorbar(image, ax=ax, label="fraction of the true class")
-    with atomic_write(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    _save(fig, path)

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from allcnn.errors import AllcnnError
 from allcnn.inference import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION, load_classifier
 
 SIZE = 32
@@ -25,7 +26,7 @@ SIZE = 32
 MAX_PIXELS = 1 << 26
 
 
-class ImageError(ValueError):
+class ImageError(AllcnnError, ValueError):
     """One input file cannot be used; the message names it."""
 
 
@@ -77,9 +78,14 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def _image_suffixes() -> set[str]:
-    from PIL import Image
+    """Extensions of the formats Pillow can decode: not its save-only ones (PDF) nor its
+    stubs that only identify a file (HDF5, so a `.weights.h5` beside the photos, GRIB, WMF)."""
+    from PIL import Image, ImageFile
 
-    return set(Image.registered_extensions())
+    Image.init()
+    decodable = {name for name, (factory, _) in Image.OPEN.items()
+                 if not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
+    return {suffix for suffix, name in Image.registered_extensions().items() if name in decodable}
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> Iterator[Path | ImageError]:
@@ -106,11 +112,12 @@ def predict(
     variant: str | None = None,
     preprocessing_json: str | os.PathLike | None = None,
     weights_dir: str | os.PathLike | None = None,
+    tta: str = "none",
 ) -> Iterator[dict]:
     """Yields, in input order, `{"path", "top": [{"class", "probability"}]}` or `{"path", "error"}`.
 
     Images are decoded and classified `batch_size` at a time, so a folder of
-    any size streams with bounded memory.
+    any size streams with bounded memory. `tta="flip"` averages each image with its mirror.
     """
     from allcnn.data import CLASS_NAMES
 
@@ -127,7 +134,7 @@ def predict(
                 except ImageError as e:
                     loaded[item] = e
         good = [p for p, v in loaded.items() if not isinstance(v, ImageError)]
-        probabilities = classifier.probabilities(np.stack([loaded[p] for p in good])) if good else []
+        probabilities = classifier.probabilities(np.stack([loaded[p] for p in good]), tta=tta) if good else []
         by_path = dict(zip(good, probabilities))
         for item in pending:
             failure = item if isinstance(item, ImageError) else loaded[item]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("scale", "standardize", "zca")
+from allcnn.config import PREPROCESSINGS, ConfigError
+
 # Global contrast normalization scale and ZCA regularizer, as in Goodfellow et
 # al.'s maxout preprocessing that the paper reuses.
 _GCN_SCALE = 55.0
@@ -64,9 +65,9 @@ class Preprocessing:
     def from_dict(cls, d: dict, base: Path | None = None) -> "Preprocessing":
         """Builds from `to_dict()` output; `base` is where `whiten_file` lies."""
         if not isinstance(d, dict):
-            raise ValueError(f"preprocessing: expected a JSON object, got {type(d).__name__}")
-        if d.get("method") not in METHODS:
-            raise ValueError(f"unknown preprocessing method {d.get('method')!r}; expected one of {METHODS}")
+            raise ConfigError(f"preprocessing: expected a JSON object, got {type(d).__name__}")
+        if d.get("method") not in PREPROCESSINGS:
+            raise ConfigError(f"preprocessing: unknown method {d.get('method')!r}; expected one of {PREPROCESSINGS}")
         whiten = np.load(Path(base or ".") / d["whiten_file"]) if "whiten_file" in d else None
         return cls(d["method"], d.get("mean", []), d.get("std", []), whiten)
 
@@ -83,8 +84,8 @@ def _global_contrast_normalize(flat: np.ndarray) -> np.ndarray:
 
 def fit_preprocessing(method: str, train_images: np.ndarray) -> Preprocessing:
     """Fits `method` on training images only (never validation or test)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown preprocessing method {method!r}; expected one of {METHODS}")
+    if method not in PREPROCESSINGS:
+        raise ConfigError(f"preprocessing: unknown method {method!r}; expected one of {PREPROCESSINGS}")
     if method == "scale":
         return Preprocessing("scale")
     x = np.asarray(train_images, dtype=np.float64) / 255.0

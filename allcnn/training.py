@@ -21,6 +21,7 @@ from keras import ops
 from allcnn import data, distribute, hardware
 from allcnn.config import TrainConfig
 from allcnn.distribute import Replicas, WorkerLost, is_worker_loss
+from allcnn.errors import AllcnnError
 from allcnn.files import atomic_save_weights, atomic_write_text
 from allcnn.model import build_model
 from allcnn.pipeline import CifarBatches, EpochSeeder
@@ -41,7 +42,7 @@ RUN_FILES = (
 )
 
 
-class RunError(RuntimeError):
+class RunError(AllcnnError, RuntimeError):
     """The run folder is not in a state that allows what was asked."""
 
 
@@ -147,6 +148,21 @@ class NanStop(keras.callbacks.TerminateOnNaN):
         except RuntimeError:
             self.fired = True
             raise
+
+
+class SwapEMAWeights(keras.callbacks.SwapEMAWeights):
+    """Keras' SwapEMAWeights(swap_on_epoch=True), made to survive a resume.
+
+    With swap_on_epoch the averaged weights are in the model at each epoch end, so
+    validation, both checkpoints and the backup see them (the optimizer's average
+    slots then hold the trained weights), and the next epoch swaps back. A run
+    restored from that backup therefore starts swapped, which Keras' callback
+    never expects: it would train on from the average. `resumed` tells it.
+    """
+
+    def __init__(self, resumed: bool):
+        super().__init__(swap_on_epoch=True)
+        self._ema_weights_in_model = resumed
 
 
 class AtomicCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -332,8 +348,10 @@ def compile_model(config: TrainConfig, steps_per_epoch: int, lr: float | None = 
     )
     schedule = LearningRate(config.lr if lr is None else lr, steps_per_epoch, config.epochs, config.schedule,
                             config.warmup_epochs, config.milestones, config.lr_decay_factor, config.time_decay)
+    optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=config.nesterov,
+                                     use_ema=config.use_ema, ema_momentum=config.ema_momentum)
     model.compile(
-        optimizer=keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=config.nesterov),
+        optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
     )
@@ -382,6 +400,8 @@ def train(config: TrainConfig | None, out, *, data_dir=None, resume: bool = Fals
         load_initial_weights(model, Path(config.initial_weights))
     nan_stop = NanStop()
     callbacks = [EpochSeeder(train_batches, config.seed), EpochStats(), nan_stop]
+    if config.use_ema:  # before the writers, so that they see the averaged weights
+        callbacks.append(SwapEMAWeights(resumed=start_epoch > 0))
     if replicas.is_chief:
         callbacks += writer_callbacks(out, start_epoch)
     else:

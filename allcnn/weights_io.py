@@ -37,6 +37,7 @@ The shipped default weights are described by `weights/manifest.json`::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -47,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from allcnn.errors import AllcnnError
 from allcnn.preprocessing import Preprocessing
 
 MANIFEST = "manifest.json"
@@ -55,7 +57,7 @@ KERAS3, KERAS_MODEL, LEGACY_H5 = "keras3-weights", "keras-model", "keras2-hdf5"
 _PASS_WEIGHTS = "pass --weights PATH (a run's best.weights.h5, a .keras model or a Keras 2 .hdf5 file)"
 
 
-class WeightsError(ValueError):
+class WeightsError(AllcnnError, ValueError):
     """Weights that cannot be found, verified, or fitted to the model; one line."""
 
 
@@ -84,6 +86,18 @@ def sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _open_hdf5(path: Path):
+    """h5py.File, whose errors for a cut or damaged file become one line naming it."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            yield f
+    except (OSError, KeyError) as e:
+        raise WeightsError(f"{path}: damaged weights file, cannot be read (h5py: {_first_line(e)})") from None
+
+
 def weights_format(path: str | os.PathLike) -> str:
     """`KERAS3`, `KERAS_MODEL` or `LEGACY_H5`, from the contents (extensions lie)."""
     import h5py
@@ -94,7 +108,7 @@ def weights_format(path: str | os.PathLike) -> str:
             if {"config.json", "model.weights.h5"} <= set(archive.namelist()):
                 return KERAS_MODEL
     elif h5py.is_hdf5(path):
-        with h5py.File(path, "r") as f:
+        with _open_hdf5(path) as f:
             if "layer_names" in f.attrs or "model_weights" in f:
                 return LEGACY_H5
             if "layers" in f or "vars" in f:
@@ -195,8 +209,6 @@ def load_weights(model, path: str | os.PathLike) -> None:
         WeightsError: unreadable file, or weights that do not fit `model`,
             naming the first layer that differs.
     """
-    import h5py
-
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
@@ -204,7 +216,7 @@ def load_weights(model, path: str | os.PathLike) -> None:
     if kind == KERAS_MODEL:
         saved = _read_keras_model(path)
     else:
-        with h5py.File(path, "r") as f:
+        with _open_hdf5(path) as f:
             saved = _read_keras3(f, model, path) if kind == KERAS3 else _read_legacy(f)
     _assign(model, saved, path)
 

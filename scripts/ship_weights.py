@@ -6,6 +6,8 @@ exact CIFAR-10 pixels in ../shared/data), and records how they were produced.
 A run started with `initial_weights` (a warm restart) is shipped with the runs it
 started from: one history (epochs numbered on), the total time, every recipe; if
 an earlier stage's best epoch scored higher on validation, that stage is shipped.
+Weights are only replaced by better ones: a run whose best validation accuracy does
+not beat that of the weights shipped now (same held-out split) is refused.
 
     python scripts/ship_weights.py RUN_DIR [--data-dir ../shared/data]
 """
@@ -26,7 +28,7 @@ from allcnn.inference import load_classifier
 from allcnn.plots import plot_history
 from allcnn.resources import configs_dir
 from allcnn.training import RunError, read_history, read_run_json, restored_epoch
-from allcnn.weights_io import write_manifest_entry
+from allcnn.weights_io import WeightsError, manifest_entry, write_manifest_entry
 
 NAME = "allcnn-c"
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -75,6 +77,16 @@ def best_val(rows: list[dict]) -> float:
     return max((float(row["val_accuracy"]) for row in rows), default=-1.0)
 
 
+def hours_to(rows: list[dict], val_accuracy: float) -> float | None:
+    """Training hours until the first epoch that reached `val_accuracy` (None if none did)."""
+    seconds = 0.0
+    for row in rows:
+        seconds += float(row["epoch_seconds"])
+        if float(row["val_accuracy"]) >= val_accuracy:
+            return round(seconds / 3600, 2)
+    return None
+
+
 def shipped_stages(runs: list[Path], histories: list[list[dict]]) -> list[Path]:
     """The stages up to the one whose best epoch scores highest on validation:
     a later stage that never beats an earlier one is not shipped."""
@@ -98,6 +110,20 @@ def write_history(rows: list[dict], path: Path) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, text.getvalue())
+
+
+def check_beats_shipped(val_top1: float, config: TrainConfig) -> None:
+    """Refuses weights that score no higher on validation than the shipped ones,
+    compared on the same held-out images (the same val_size and seed)."""
+    try:
+        shipped = manifest_entry(NAME, WEIGHTS)
+    except WeightsError:  # nothing shipped yet
+        return
+    same_split = (shipped.get("val_size"), shipped.get("seed")) == (config.val_size, config.seed)
+    shipped_val = shipped.get("accuracy", {}).get("val_top1")
+    if same_split and shipped_val is not None and val_top1 <= shipped_val:
+        sys.exit(f"error: not shipping: best val_accuracy {val_top1:.4f} does not beat {shipped_val:.4f} of the "
+                 f"weights shipped now; {WEIGHTS} is unchanged")
 
 
 def load_best(run: Path):
@@ -125,13 +151,17 @@ def ship(last_stage: Path, data_dir: str) -> dict:
     shipped = runs[-1]
     _, (x_test, y_test) = load_cifar10(data_dir)
     best = max(history, key=lambda row: float(row["val_accuracy"]))
+    check_beats_shipped(float(best["val_accuracy"]), configs[-1])
     summary = run_summary(shipped)
+    command = ("scripts/train_release.sh DATA_DIR RUN_DIR" if len(runs) == 1 else
+               "allcnn train --config RECIPE, each stage with --initial-weights PREVIOUS_STAGE/last.weights.h5")
     produced = {"recipe": recipes if len(recipes) > 1 else recipes[0],
-                "command": f"scripts/train_release.sh DATA_DIR RUN_DIR {len(runs)}",
+                "command": command,
                 "epochs_trained": len(history),
                 "planned_epochs": sum(config.epochs for config in configs),
                 "best_epoch": int(best["epoch"]) + 1,
                 "train_hours": round(sum(float(r["epoch_seconds"]) for r in history) / 3600, 2),
+                "hours_to_90_val": hours_to(history, 0.90),
                 "hardware": summary["device"], "precision": summary["precision"], "backend": summary["backend"]}
 
     target = WEIGHTS / f"{NAME}.weights.h5"

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import tomllib
 from pathlib import Path
 
 import importlib.util
@@ -28,6 +27,7 @@ import pytest
 from click.testing import CliRunner
 
 from allcnn.cli import main
+from allcnn.config import tomllib
 
 needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None,
                                reason="the JAX backend is the optional extra allcnn[jax]")

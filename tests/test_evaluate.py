@@ -44,6 +44,30 @@ def test_cli_text_json_and_plot(weights, cifar_dir, tmp_path):
     assert result["images"] == 40 and {"loss", "top1", "top5", "seconds", "images_per_second"} <= set(result)
 
 
+def test_indices_and_flip_tta(weights, cifar_dir):
+    from allcnn.data import load_cifar10
+    from allcnn.evaluation import evaluate, metrics
+    from allcnn.inference import load_classifier
+
+    part = evaluate(weights, data_dir=cifar_dir, indices=slice(5, 15), batch_size=4, precision="float32")
+    assert part["images"] == 10 and part["indices"] == "5:15" and part["tta"] == "none"
+    flipped = evaluate(weights, data_dir=cifar_dir, indices=slice(5, 15), batch_size=4, precision="float32",
+                       tta="flip")
+    classifier = load_classifier(weights, precision="float32")
+    x, y = (a[5:15] for a in load_cifar10(cifar_dir)[1])
+    by_hand = (classifier.probabilities(x) + classifier.probabilities(x[:, :, ::-1])) / 2
+    assert flipped["loss"] == pytest.approx(metrics(by_hand, y)["loss"], rel=1e-5)
+    assert flipped["loss"] != pytest.approx(part["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("indices", ["5", "a:b", "1:2:3", "40:50"])
+def test_bad_indices_one_line(weights, cifar_dir, indices):
+    result = CliRunner().invoke(main, ["evaluate", "--weights", str(weights), "--data-dir", str(cifar_dir),
+                                       "--indices", indices])
+    assert result.exit_code in (1, 2) and "Traceback" not in result.output
+    assert result.output.count("Error") == 1 and ("A:B" in result.output or "select no images" in result.output)
+
+
 def test_cli_missing_default_weights(cifar_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ALLCNN_WEIGHTS_DIR", str(tmp_path))
     result = CliRunner().invoke(main, ["evaluate", "--data-dir", str(cifar_dir)])
@@ -59,3 +83,20 @@ def test_shipped_weights_score_what_their_manifest_says():
     result = evaluate(data_dir=SHARED_DATA, precision="float32", device="cpu")
     recorded = manifest_entry()["accuracy"]
     assert (result["top1"], result["top5"]) == (recorded["test_top1"], recorded["test_top5"])
+
+
+def test_only_user_errors_become_one_line(weights, cifar_dir, tmp_path, monkeypatch):
+    missing = ["evaluate", "--weights", str(tmp_path / "none.weights.h5"), "--data-dir", str(cifar_dir)]
+    plain = CliRunner().invoke(main, missing)
+    assert plain.exit_code == 1 and plain.output == f"Error: {tmp_path / 'none.weights.h5'}: no such weights file\n"
+    from allcnn.weights_io import WeightsError
+
+    debug = CliRunner().invoke(main, ["--debug", *missing])  # --debug: the exception itself, with its traceback
+    assert isinstance(debug.exception, WeightsError) and "Error:" not in debug.output
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug, not the user's doing")
+
+    monkeypatch.setattr("allcnn.evaluation.evaluate", bug)
+    result = CliRunner().invoke(main, ["evaluate", "--weights", str(weights), "--data-dir", str(cifar_dir)])
+    assert isinstance(result.exception, ValueError) and "Error:" not in result.output

@@ -2,6 +2,7 @@ import keras
 import numpy as np
 import pytest
 
+from allcnn.config import ConfigError
 from allcnn.model import build_model
 
 PAPER_SHAPES = [
@@ -70,5 +71,5 @@ def test_forward_pass_under_active_backend():
 
 
 def test_unknown_variant():
-    with pytest.raises(ValueError, match="Unknown variant"):
+    with pytest.raises(ConfigError, match="variant: .* is not one of paper, tutorial"):
         build_model("resnet")

@@ -76,6 +76,16 @@ def test_bad_files(tmp_path, monkeypatch):
         load_image(tmp_path / "full.png")
 
 
+def test_folders_expand_to_decodable_images_only(weights, images):
+    from allcnn.prediction import expand_inputs
+
+    (images / "notes.txt").write_text("not an image")
+    (images / "best.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")  # Pillow names HDF5 but cannot decode it
+    (images / "page.pdf").write_bytes(b"%PDF-1.4")  # Pillow writes PDF, never reads it
+    assert [p.name for p in expand_inputs([images])] == sorted(p.name for p in images.iterdir()
+                                                               if p.suffix not in (".txt", ".h5", ".pdf"))
+
+
 def test_cli_table_and_json_lines(weights, images):
     files = sorted(images.iterdir())
     text = CliRunner().invoke(main, ["predict", str(images), "--weights", str(weights), "--batch-size", "3"])
@@ -95,3 +105,21 @@ def test_cli_bad_files_exit_1_good_still_predicted(weights, images, tmp_path):
     assert result.exit_code == 1
     assert result.stdout.startswith(str(images / "a.png"))
     assert "junk.jpg" in result.stderr and "gone.png" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_flip_tta_averages_the_image_and_its_mirror(weights, tmp_path):
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    Image.fromarray(pixels[:, ::-1]).save(tmp_path / "mirror.png")
+
+    def probabilities(path, tta):
+        result = CliRunner().invoke(main, ["predict", str(path), "--weights", str(weights), "--json", "--top-k", "10",
+                                           "--precision", "float32", "--tta", tta])
+        assert result.exit_code == 0, result.output
+        return {t["class"]: t["probability"] for t in json.loads(result.output)["top"]}
+
+    plain, mirror, both = probabilities(tmp_path / "a.png", "none"), probabilities(tmp_path / "mirror.png", "none"), \
+        probabilities(tmp_path / "a.png", "flip")
+    assert plain != mirror
+    assert both == pytest.approx({c: (plain[c] + mirror[c]) / 2 for c in plain}, abs=2e-6)

@@ -61,6 +61,11 @@ def test_a_later_stage_ships_only_if_it_beats_the_earlier_ones_on_validation(cap
     assert [row["epoch"] for row in ship.joined_history(histories)] == ["0", "1", "2", "3", "4"]
 
 
+def test_hours_to_a_validation_accuracy():
+    rows = [{"epoch_seconds": "1800", "val_accuracy": v} for v in ("0.85", "0.90", "0.91")]
+    assert _ship_weights().hours_to(rows, 0.90) == 1.0 and _ship_weights().hours_to(rows, 0.95) is None
+
+
 def _trained_stage(root: Path, name: str, recipe: str, val_accuracies: list[float], **overrides) -> Path:
     """A finished stage: config, preprocessing, best weights, history and backup marker."""
     from allcnn.model import build_model
@@ -95,7 +100,7 @@ def test_ship_weights_ships_the_best_stage_with_the_stages_before_it(tmp_path, c
 
     entry = json.loads((weights / "manifest.json").read_text())["weights"][0]
     assert entry["produced"]["recipe"] == ["configs/release-stage1.toml", "configs/release.toml"]
-    assert entry["produced"]["command"] == "scripts/train_release.sh DATA_DIR RUN_DIR 2"
+    assert entry["produced"]["command"].startswith("allcnn train --config RECIPE, each stage with --initial-weights")
     assert (entry["produced"]["epochs_trained"], entry["produced"]["planned_epochs"]) == (5, 180)
     assert (entry["produced"]["best_epoch"], entry["accuracy"]["val_top1"]) == (4, 0.7)
     assert entry["sha256"] == sha256(weights / "allcnn-c.weights.h5")
@@ -104,6 +109,28 @@ def test_ship_weights_ships_the_best_stage_with_the_stages_before_it(tmp_path, c
                                                                     "allcnn-c.stage1.config.toml"]
     assert len((weights / "allcnn-c.history.csv").read_text().splitlines()) == 1 + 5
     assert (weights / "allcnn-c.curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ship_weights_refuses_a_run_that_does_not_beat_the_shipped_weights(tmp_path, cifar_dir, monkeypatch):
+    ship = _ship_weights()
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    monkeypatch.setattr(ship, "WEIGHTS", weights)
+    first = _trained_stage(tmp_path, "first", "release-stage1", [0.5, 0.6])
+    worse = _trained_stage(tmp_path, "worse", "release-stage1", [0.55])
+    better = _trained_stage(tmp_path, "better", "release-stage1", [0.61])
+    monkeypatch.setattr("sys.argv", ["ship_weights.py", str(first), "--data-dir", str(cifar_dir)])
+    ship.main()
+    entry = json.loads((weights / "manifest.json").read_text())["weights"][0]
+    assert entry["produced"]["command"] == "scripts/train_release.sh DATA_DIR RUN_DIR"
+    before = {path.name: path.read_bytes() for path in weights.iterdir()}
+    monkeypatch.setattr("sys.argv", ["ship_weights.py", str(worse), "--data-dir", str(cifar_dir)])
+    with pytest.raises(SystemExit, match="not shipping: best val_accuracy 0.5500 does not beat 0.6000"):
+        ship.main()
+    assert {path.name: path.read_bytes() for path in weights.iterdir()} == before
+    monkeypatch.setattr("sys.argv", ["ship_weights.py", str(better), "--data-dir", str(cifar_dir)])
+    ship.main()
+    assert json.loads((weights / "manifest.json").read_text())["weights"][0]["accuracy"]["val_top1"] == 0.61
 
 
 def test_ship_weights_fails_in_one_line_and_leaves_weights_as_they_were(tmp_path, cifar_dir, monkeypatch, capsys):
@@ -157,24 +184,14 @@ def _train_release(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-def test_train_release_chains_stages_then_resumes_them(tmp_path):
+def test_train_release_trains_then_resumes_one_schedule(tmp_path):
     run = tmp_path / "r"
-    assert _train_release(tmp_path, "DATA", str(run), "3").returncode == 0
+    assert _train_release(tmp_path, "DATA", str(run)).returncode == 0
     assert _train_release(tmp_path, "DATA", str(run)).returncode == 0
     assert (tmp_path / "calls.log").read_text().splitlines() == [
-        f"allcnn train --config release-stage1 --out {run} --data-dir DATA",
-        f"allcnn train --config release --out {run}-stage2 --data-dir DATA --initial-weights {run}/last.weights.h5",
-        f"allcnn train --config release-stage3 --out {run}-stage3 --data-dir DATA --initial-weights {run}-stage2/last.weights.h5",
-        f"python ship_weights.py {run}-stage3 --data-dir DATA",
-        # Run again with the default LAST_STAGE, 2: both stages exist, so both resume, and stage 2 ships.
+        f"allcnn train --config release-v2 --out {run} --data-dir DATA",
+        f"python ship_weights.py {run} --data-dir DATA",
+        # Run again: the run folder exists, so it resumes (and a finished run trains nothing).
         f"allcnn train --resume --out {run} --data-dir DATA",
-        f"allcnn train --resume --out {run}-stage2 --data-dir DATA",
-        f"python ship_weights.py {run}-stage2 --data-dir DATA",
+        f"python ship_weights.py {run} --data-dir DATA",
     ]
-
-
-def test_train_release_refuses_an_unknown_last_stage(tmp_path):
-    result = _train_release(tmp_path, "DATA", str(tmp_path / "r"), "4")
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: LAST_STAGE must be 1, 2 or 3, got '4'"
-    assert not (tmp_path / "calls.log").exists()

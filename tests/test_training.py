@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from allcnn.cli import main
+from allcnn.config import tomllib
 from allcnn.hardware import Accelerator, choose_precision, cpu_flags, cpu_name, has_native_bf16, resolve_precision
 from allcnn.training import LearningRate, trim_history
 from conftest import write_cifar_folder
@@ -80,6 +80,9 @@ def test_existing_run_is_refused_and_kept(cifar_dir, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "-3"], "Invalid value for '--epochs'"),
     (["--precision", "fp8"], "Invalid value for '--precision'"),
+    (["--lr", "nan"], "lr: must be a finite number, got nan"),
+    (["--lr", "inf"], "lr: must be a finite number, got inf"),
+    (["--ema-momentum", "nan"], "ema_momentum: must be a finite number, got nan"),
     (["--config", "missing.toml"], "missing.toml: config file not found"),
 ])
 def test_bad_flags_exit_2(args, message, tmp_path):
@@ -94,6 +97,8 @@ def test_bad_flags_exit_2(args, message, tmp_path):
     ("epochs = 0", "epochs: must be at least 1"),
     ("schedule = 'linear'", "schedule: 'linear' is not one of"),
     ("milestones = [1.5]", "milestones: expected list"),
+    ("lr = 0", "lr: must be positive, got 0.0"),
+    ("weight_decay = nan", "weight_decay: must be a finite number, got nan"),
 ])
 def test_bad_config_names_the_key(line, message, tmp_path):
     recipe = tmp_path / "bad.toml"
@@ -102,11 +107,17 @@ def test_bad_config_names_the_key(line, message, tmp_path):
     assert result.exit_code == 2 and message in result.output
 
 
-@pytest.mark.parametrize("flags, dropped", [(["--lr", "0.1"], "--lr"), (["--config", "paper"], "--config"),
-                                            (["--overwrite"], "--overwrite")])
-def test_resume_refuses_recipe_flags(flags, dropped, tmp_path):
-    result = _train("--resume", *flags, "--out", str(tmp_path))
-    assert result.exit_code == 2 and f"drop {dropped}" in result.output
+def test_resume_takes_the_starting_flags_and_refuses_others(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    started = ["--data-dir", str(cifar_dir), "--out", str(out), *TINY]
+    assert _train(*started).exit_code == 0
+    same = _train(*started, "--resume", "--device", "cpu")
+    assert same.exit_code == 0, same.output
+    for flags, message in [(["--lr", "0.1"], "these differ from it: --lr 0.1 (run: 0.01)"),
+                           (["--config", "paper"], "--epochs 350 (run: 2), --batch-size 128 (run: 16)"),
+                           (["--overwrite"], "drop --overwrite")]:
+        result = _train("--resume", "--out", str(out), "--data-dir", str(cifar_dir), *flags)
+        assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_wrong_data_dir_leaves_no_run_folder(tmp_path):
@@ -175,11 +186,12 @@ def _history(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_kill_9_during_epoch_2_then_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("ema", [[], ["--ema", "--ema-momentum", "0.9"]], ids=["plain", "ema"])
+def test_kill_9_during_epoch_2_then_resume_matches_uninterrupted(tmp_path, ema):
     # 1,000 images: an epoch lasts seconds (120 steps), so the kill lands inside one even on a fast machine.
     data = write_cifar_folder(tmp_path / "data", per_batch=200).parent
     args = ["--data-dir", str(data), "--epochs", "3", "--batch-size", "8", "--val-size", "40",
-            "--precision", "float32", "--schedule", "cosine", "--warmup-epochs", "1", "--lr", "0.01"]
+            "--precision", "float32", "--schedule", "cosine", "--warmup-epochs", "1", "--lr", "0.01", *ema]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert _run_cli([*args, "--out", str(reference)]).wait() == 0
 
@@ -201,6 +213,25 @@ def test_kill_9_during_epoch_2_then_resume_matches_uninterrupted(tmp_path):
     # Resuming a finished run trains nothing and keeps the summary of the sessions that trained.
     assert _train("--resume", "--out", str(killed), "--data-dir", str(data)).exit_code == 0
     assert (killed / "summary.json").read_text() == summary
+
+
+def test_ema_validates_and_saves_the_averaged_weights(cifar_dir, tmp_path):
+    from allcnn.evaluation import evaluate
+
+    def run(name, *flags):
+        out = tmp_path / name
+        result = _train("--data-dir", str(cifar_dir), "--out", str(out), "--weight-decay", "0", *TINY, *flags)
+        assert result.exit_code == 0, result.output
+        last = list(csv.DictReader(open(out / "history.csv")))[-1]
+        return float(last["val_loss"]), evaluate(out / "last.weights.h5", data_dir=cifar_dir, split="val",
+                                                 precision="float32", device="cpu")["loss"]
+
+    plain_logged, plain_saved = run("plain")
+    ema_logged, ema_saved = run("ema", "--ema", "--ema-momentum", "0.9")
+    assert tomllib.loads((tmp_path / "ema" / "config.toml").read_text())["use_ema"] is True
+    # The logged validation loss is that of the weights saved, and the average differs from the plain weights.
+    assert ema_saved == pytest.approx(ema_logged, abs=1e-4) and plain_saved == pytest.approx(plain_logged, abs=1e-4)
+    assert abs(ema_saved - plain_saved) > 1e-3
 
 
 def test_nan_loss_stops_with_advice(cifar_dir, tmp_path):

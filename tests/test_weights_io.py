@@ -35,6 +35,16 @@ def test_shape_mismatch_names_layer(weights):
         load_weights(build_model(classes=5), weights)
 
 
+def test_truncated_file_is_named_as_damaged(weights, tmp_path):
+    from allcnn.model import build_model
+    from allcnn.weights_io import WeightsError, load_weights
+
+    cut = tmp_path / "cut.weights.h5"
+    cut.write_bytes(weights.read_bytes()[:100_000])
+    with pytest.raises(WeightsError, match=f"{cut}: damaged weights file, cannot be read"):
+        load_weights(build_model("paper"), cut)
+
+
 def test_keras_model_file(weights, tmp_path):
     from allcnn.model import build_model
     from allcnn.weights_io import load_weights
