@@ -113,8 +113,12 @@ class EpochSeeder(keras.callbacks.Callback):
     Keras does not save Dropout's `SeedGenerator` state nor a pipeline's
     position, so after a resume both would replay epoch 0's randomness. Setting
     them from (seed, epoch) at each epoch start makes a resumed run repeat the
-    uninterrupted one exactly.
+    uninterrupted one exactly. Each draw adds 1 to the second word of a
+    generator's state, so the epochs start `STEPS_APART` apart: epoch e + 1 must
+    not replay epoch e's masks shifted by one step.
     """
+
+    STEPS_APART = 1 << 20  # more steps than any epoch has (50,000 images at batch 1)
 
     def __init__(self, batches: CifarBatches, seed: int):
         super().__init__()
@@ -125,4 +129,5 @@ class EpochSeeder(keras.callbacks.Callback):
         for i, layer in enumerate(self.model.layers):
             generator = getattr(layer, "seed_generator", None)
             if generator is not None:
-                generator.state.assign(np.array([self.seed * 1000 + i, epoch], dtype=generator.state.dtype))
+                generator.state.assign(np.array([self.seed * 1000 + i, epoch * self.STEPS_APART],
+                                                  dtype=generator.state.dtype))

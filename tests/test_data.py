@@ -143,6 +143,25 @@ def test_batches_depend_only_on_seed_epoch_and_index():
     assert not np.array_equal(a[1][0], b[1][0])
 
 
+def test_dropout_masks_are_keyed_by_epoch_and_never_replayed_by_the_next():
+    import keras
+
+    from allcnn.pipeline import EpochSeeder
+
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dropout(0.5, seed=1)])
+    seeder = EpochSeeder(CifarBatches(np.zeros((4, 32, 32, 3), np.uint8), np.zeros((4, 10)),
+                                      Preprocessing("scale"), 2), seed=0)
+    seeder.set_model(model)
+    ones = np.ones((8, 64), np.float32)
+
+    def masks(epoch: int, steps: int) -> list[np.ndarray]:
+        seeder.on_epoch_begin(epoch)
+        return [keras.ops.convert_to_numpy(model(ones, training=True)) for _ in range(steps)]
+
+    first = masks(0, 2)
+    assert not np.array_equal(masks(1, 1)[0], first[1])  # each draw steps the seed: epoch 1 must not replay epoch 0
+    np.testing.assert_array_equal(masks(0, 2), first)  # a resumed epoch draws what the uninterrupted one did
+
 @pytest.mark.realdata
 @pytest.mark.skipif(not (SHARED_DATA / "cifar-10-batches-py").is_dir(), reason="../shared/data absent")
 def test_real_cifar10():
