@@ -28,7 +28,8 @@ from allcnn.inference import load_classifier
 from allcnn.plots import plot_history
 from allcnn.resources import configs_dir
 from allcnn.training import RunError, read_history, read_run_json, restored_epoch
-from allcnn.weights_io import WeightsError, manifest_entry, write_manifest_entry
+from allcnn.manifest import manifest_entry, write_manifest_entry
+from allcnn.weights_io import WeightsError
 
 NAME = "allcnn-c"
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from allcnn.config import load_config
-from allcnn.weights_io import sha256
+from allcnn.manifest import sha256
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
