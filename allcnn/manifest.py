@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from allcnn.preprocessing import Preprocessing
+from allcnn.run_folder import RunFolder
 from allcnn.weights_io import KERAS_MODEL, LEGACY_H5, WeightsError, weights_format
 
 MANIFEST = "manifest.json"
@@ -139,17 +140,14 @@ def _keras_archive_architecture(path: Path) -> tuple[str | None, dict]:
 
 def _from_file(path: Path, variant: str | None, preprocessing_json: Path | None) -> WeightsSpec:
     """Settings for a given file: its run folder, else what its format implies."""
-    from allcnn.config import load_config
-
     kind = weights_format(path)
-    run_config = path.parent / "config.toml"
-    found_variant, architecture, split, prep = None, {}, {}, None
-    if run_config.is_file():
-        config = load_config(run_config)
+    run = RunFolder(path.parent)
+    found_variant, architecture, split = None, {}, {}
+    if run.has_run():
+        config = run.read_config()
         found_variant, architecture = config.variant, {"batch_norm": config.batch_norm}
         split = {"val_size": config.val_size, "seed": config.seed}
-    if (path.parent / "preprocessing.json").is_file():
-        prep = Preprocessing.load(path.parent / "preprocessing.json")
+    prep = run.read_preprocessing()
     if kind == LEGACY_H5:
         found_variant, prep = found_variant or "tutorial", prep or Preprocessing("scale")
     elif kind == KERAS_MODEL and found_variant is None:
@@ -210,12 +208,11 @@ def write_manifest_entry(
     (e.g. `{"test_top1": ...}` from `allcnn evaluate --json`) and `produced`
     (recipe, epochs, hardware) are recorded as given.
     """
-    from allcnn.config import load_config
     from allcnn.files import atomic_write_text
 
-    weights_file, run_dir = Path(weights_file), Path(run_dir)
-    config = load_config(run_dir / "config.toml")
-    prep = Preprocessing.load(run_dir / "preprocessing.json")
+    weights_file, run = Path(weights_file), RunFolder(run_dir)
+    config = run.read_config()
+    prep = Preprocessing.load(run.preprocessing_path)
     if prep.whiten is not None:
         raise WeightsError("ZCA preprocessing needs its matrix beside the manifest; copy the .zca.npy file by hand")
     entry = {"name": name, "file": weights_file.name, "sha256": sha256(weights_file), "variant": config.variant,

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from allcnn.cli import main
 from allcnn.config import tomllib
 from allcnn.hardware import Accelerator, choose_precision, cpu_flags, cpu_name, has_native_bf16, resolve_precision
-from allcnn.training import LearningRate, trim_history
+from allcnn.run_folder import RunFolder
+from allcnn.training import LearningRate
 from conftest import write_cifar_folder
 
 TINY = ["--epochs", "2", "--batch-size", "16", "--val-size", "40", "--precision", "float32", "--lr", "0.01"]
@@ -168,7 +169,7 @@ def test_learning_rate_schedules():
 def test_trim_history_drops_duplicates_and_partial_lines(tmp_path):
     path = tmp_path / "history.csv"
     path.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n2,0.8\n3,0.")
-    assert [r["epoch"] for r in trim_history(path, 3)] == ["0", "1", "2"]
+    assert [r["epoch"] for r in RunFolder(tmp_path).trim_history(3)] == ["0", "1", "2"]
     assert path.read_text() == "epoch,loss\n0,1.0\n1,0.9\n2,0.8\n"
 
 
