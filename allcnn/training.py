@@ -39,6 +39,20 @@ class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
     `onecycle` rises linearly for the warm-up (30% of the run if none is
     given) and falls linearly to 0. `time_decay` is Keras 2's `decay`:
     lr / (1 + time_decay * step).
+
+    Keras' own schedules compute what they give the same float32 values for
+    (bit for bit, in the optimizer's compiled step as eagerly;
+    tests/test_training.py checks every step against the formulas they
+    replaced): `step` is `PiecewiseConstantDecay`, and the lr with its
+    `time_decay` is `InverseTimeDecay` (a rounding apart where a time decay
+    meets a warm-up or another schedule, which no recipe has). A run resumed
+    by a newer allcnn must go on with the lr it was trained with, so two parts
+    stay formulas: the warm-up, since `CosineDecay(warmup_steps=w)` starts at
+    its initial lr at step 0 and reaches the peak at step w, where ours is
+    lr * (step + 1) / w, the peak at the last warm-up step; and the cosine
+    itself, since in a TensorFlow graph Grappler's constant folding regroups
+    CosineDecay's arithmetic, a rounding apart at some steps (with constant
+    folding off the values agree). Keras has no one-cycle schedule.
     """
 
     def __init__(self, lr, steps_per_epoch, epochs, schedule="step", warmup_epochs=0,
@@ -46,27 +60,36 @@ class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
         self.lr, self.steps_per_epoch, self.epochs = lr, steps_per_epoch, epochs
         self.schedule, self.warmup_epochs = schedule, warmup_epochs
         self.milestones, self.decay_factor, self.time_decay = list(milestones), decay_factor, time_decay
+        total = float(epochs * steps_per_epoch)
+        warmup = float(warmup_epochs * steps_per_epoch)
+        self._warmup_steps = 0.3 * total if schedule == "onecycle" and not warmup else warmup
+        self._decay_steps = max(total - self._warmup_steps, 1.0)
+        schedules = keras.optimizers.schedules
+        # The lr is lr / (1 + time_decay * step), times the schedule's factor (1 at the peak).
+        self._lr = schedules.InverseTimeDecay(lr, decay_steps=1, decay_rate=time_decay)
+        # Milestone m (an epoch) takes effect at its first step, m * steps_per_epoch: after the boundary before it.
+        # The factors are float32 powers, as the formula before computed them, so the lr stays the same bits.
+        boundaries = [m * steps_per_epoch - 1 for m in sorted(self.milestones)]
+        factors = [float(ops.power(decay_factor, ops.cast(k, "float32"))) for k in range(len(boundaries) + 1)]
+        self._step_factor = schedules.PiecewiseConstantDecay(boundaries, factors)
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
-        total = float(self.epochs * self.steps_per_epoch)
-        warmup = float(self.warmup_epochs * self.steps_per_epoch)
-        if self.schedule == "onecycle" and not warmup:
-            warmup = 0.3 * total
-        progress = ops.clip((step - warmup) / max(total - warmup, 1.0), 0.0, 1.0)
-        if self.schedule == "step":
-            epoch = ops.floor(step / self.steps_per_epoch)
-            passed = sum(ops.cast(epoch >= m, "float32") for m in self.milestones)
-            factor = ops.power(self.decay_factor, passed)
-        elif self.schedule == "cosine":
-            factor = 0.5 * (1.0 + ops.cos(math.pi * progress))
-        elif self.schedule == "onecycle":
-            factor = 1.0 - progress
-        else:
-            factor = ops.ones_like(step)
-        if warmup:
-            factor = factor * ops.minimum(1.0, (step + 1.0) / warmup)
-        return self.lr * factor / (1.0 + self.time_decay * step)
+        factor = self._factor(step)
+        if self._warmup_steps:
+            factor = factor * ops.minimum(1.0, (step + 1.0) / self._warmup_steps)
+        return self._lr(step) * factor
+
+    def _factor(self, step):
+        """The schedule's factor at `step`, warm-up aside."""
+        if self.schedule == "step" and self.milestones:
+            return self._step_factor(step)
+        progress = ops.clip((step - self._warmup_steps) / self._decay_steps, 0.0, 1.0)
+        if self.schedule == "cosine":
+            return 0.5 * (1.0 + ops.cos(math.pi * progress))
+        if self.schedule == "onecycle":
+            return 1.0 - progress
+        return ops.ones_like(step)
 
     def get_config(self):
         return {"lr": self.lr, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,

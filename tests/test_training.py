@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -164,6 +165,68 @@ def test_learning_rate_schedules():
     assert lr("cosine", 9, warmup_epochs=2) == pytest.approx(0.1 * 10 / 20)
     assert lr("onecycle", 30) == pytest.approx(0.1, rel=0.04)
     assert lr("constant", 1000, time_decay=1e-3) == pytest.approx(0.05)
+
+
+def _formula_lr(step, lr, steps_per_epoch, epochs, schedule, warmup_epochs=0, milestones=(), decay_factor=0.1,
+                time_decay=0.0):
+    """LearningRate as it was before Keras' schedules computed it: the values runs were trained with."""
+    from keras import ops
+
+    step = ops.cast(step, "float32")
+    total = float(epochs * steps_per_epoch)
+    warmup = float(warmup_epochs * steps_per_epoch)
+    if schedule == "onecycle" and not warmup:
+        warmup = 0.3 * total
+    progress = ops.clip((step - warmup) / max(total - warmup, 1.0), 0.0, 1.0)
+    if schedule == "step":
+        epoch = ops.floor(step / steps_per_epoch)
+        factor = ops.power(decay_factor, sum(ops.cast(epoch >= m, "float32") for m in milestones))
+    elif schedule == "cosine":
+        factor = 0.5 * (1.0 + ops.cos(math.pi * progress))
+    elif schedule == "onecycle":
+        factor = 1.0 - progress
+    else:
+        factor = ops.ones_like(step)
+    if warmup:
+        factor = factor * ops.minimum(1.0, (step + 1.0) / warmup)
+    return lr * factor / (1.0 + time_decay * step)
+
+
+@pytest.mark.parametrize("schedule, kwargs", [
+    ("cosine", {"warmup_epochs": 2}),  # the release recipes
+    ("cosine", {}),
+    ("constant", {"time_decay": 1e-3}),  # the tutorial recipe
+    ("constant", {"warmup_epochs": 1}),
+    ("onecycle", {}),
+    ("onecycle", {"warmup_epochs": 3}),
+    ("step", {"milestones": [2, 5, 7]}),  # the paper recipe's kind
+    ("step", {"milestones": [7, 2, 2], "warmup_epochs": 1, "decay_factor": 0.2}),
+    ("step", {}),
+    ("cosine", {"warmup_epochs": 2, "time_decay": 1e-2}),
+    ("constant", {"warmup_epochs": 1, "time_decay": 1e-3}),
+])
+def test_learning_rate_equals_the_formulas_it_replaced(schedule, kwargs):
+    import keras
+    import tensorflow as tf
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("compares TensorFlow graphs, as the optimizer's compiled train step runs them")
+    args = (0.02, 7, 10, schedule)  # 70 steps: every warm-up and milestone boundary, and 5 steps past the end
+    new_schedule = LearningRate(*args, **kwargs)
+    iterations = tf.Variable(0, dtype=tf.int64)  # as the optimizer's
+    evaluations = {"eager": (lambda: new_schedule(iterations), lambda: _formula_lr(iterations, *args, **kwargs))}
+    evaluations["graph"] = tuple(tf.function(f) for f in evaluations["eager"])
+    for new_lr, old_lr in evaluations.values():
+        new, old = [], []
+        for step in range(75):
+            iterations.assign(step)
+            new.append(float(new_lr()))
+            old.append(float(old_lr()))
+        if kwargs.get("time_decay") and (schedule != "constant" or kwargs.get("warmup_epochs")):
+            # Keras' InverseTimeDecay divides the lr before the schedule's factor multiplies it: a rounding apart.
+            np.testing.assert_allclose(new, old, rtol=2.4e-7, atol=0)
+        else:  # the same bits: a run resumed with this code goes on with the lr it was trained with
+            np.testing.assert_array_equal(new, old)
 
 
 def test_trim_history_drops_duplicates_and_partial_lines(tmp_path):
