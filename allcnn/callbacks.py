@@ -1,9 +1,10 @@
 """The Keras callbacks of `allcnn train`: what runs around each epoch and writes the run folder.
 
-Each is a public `keras.callbacks.Callback` (or a Keras callback configured
-through its public arguments): the atomic writes that make a run resumable
-after kill -9 are our own small callbacks rather than overrides of Keras'
-private `_save_model` methods.
+Each builds on public Keras API: the atomic writes that make a run resumable
+after kill -9 are our own small callbacks rather than overrides of the private
+`_save_model` methods of Keras' ModelCheckpoint and BackupAndRestore. The one
+private name used is SwapEMAWeights' state flag, for want of a public one (see
+`SwapEMAWeights`).
 """
 
 from __future__ import annotations
