@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from allcnn.cli import main
 from allcnn.config import tomllib
 from allcnn.hardware import Accelerator, choose_precision, cpu_flags, cpu_name, has_native_bf16, resolve_precision
-from allcnn.run_folder import RunFolder
+from allcnn.run_folder import RunError, RunFolder
 from allcnn.training import LearningRate
 from conftest import write_cifar_folder
 
@@ -120,6 +120,21 @@ def test_resume_takes_the_starting_flags_and_refuses_others(cifar_dir, tmp_path)
                            (["--overwrite"], "drop --overwrite")]:
         result = _train("--resume", "--out", str(out), "--data-dir", str(cifar_dir), *flags)
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_resume_api_checks_flags_against_the_run_without_training(tmp_path):
+    from allcnn.config import ConfigError, make_config
+    from allcnn.training import check_resume_flags, resume
+
+    with pytest.raises(RunError, match="no run in"):
+        resume(tmp_path / "nothing")
+    run, config = RunFolder(tmp_path / "run"), make_config(epochs=2, lr=0.01)
+    run.create(config, {"mode": "none", "replicas": 1, "global_batch_size": 128, "lr": 0.01}, overwrite=False)
+    check_resume_flags(run, run.read_config(), None, {"epochs": 2, "lr": 0.01, "seed": None})
+    with pytest.raises(ConfigError, match=r"these differ from it: --lr 0.1 \(run: 0.01\)$"):
+        check_resume_flags(run, run.read_config(), None, {"lr": 0.1})
+    with pytest.raises(ConfigError, match=r"--epochs 350 \(run: 2\)"):
+        check_resume_flags(run, run.read_config(), "paper", {})
 
 
 def test_wrong_data_dir_leaves_no_run_folder(tmp_path):
