@@ -132,17 +132,19 @@ def train(config_path, data_dir, out, resume, overwrite, test, coordinator_addre
             join_cluster(coordinator_address, num_processes, process_id)
         if flags["initial_weights"]:  # absolute, so that the run's config.toml works from anywhere
             flags["initial_weights"] = str(flags["initial_weights"].resolve())
-        if resume:
-            _check_resume_flags(out, config_path, flags)
-            config = None
-        else:
-            config = load_config(config_path, **flags)
+        from allcnn import training
         from allcnn.distribute import WorkerLost
-        from allcnn.training import train as run_training
 
+        if resume and overwrite:
+            raise ConfigError(f"--resume continues the run in {out}; drop --overwrite")
         try:
-            summary = run_training(config, out, data_dir=data_dir, resume=resume, overwrite=overwrite, test=test,
-                                   device=flags["device"])
+            if resume:  # --config counts only when given: its default is no claim about the run
+                explicit = click.get_current_context().get_parameter_source("config_path") is not ParameterSource.DEFAULT
+                summary = training.resume(out, data_dir=data_dir, test=test, recipe=config_path if explicit else None,
+                                          **flags)
+            else:
+                summary = training.train(load_config(config_path, **flags), out, data_dir=data_dir,
+                                         overwrite=overwrite, test=test)
         except KeyboardInterrupt:
             raise click.ClickException(f"interrupted; continue with: allcnn train --resume --out {out}") from None
         except WorkerLost as e:
@@ -160,28 +162,6 @@ def train(config_path, data_dir, out, resume, overwrite, test, coordinator_addre
     if "test_accuracy" in summary:
         line += f", test accuracy {summary['test_accuracy']:.4f}"
     click.echo(f"{line}; run folder {out}")
-
-
-def _check_resume_flags(out: Path, config_path: str, flags: dict) -> None:
-    """--resume continues the run's config.toml: recipe flags (and --config) that agree
-    with it are accepted, so the command that started a run also resumes it; flags that
-    differ are refused by name. --device may differ: a run may move."""
-    from allcnn.config import load_config
-
-    context = click.get_current_context()
-    if context.get_parameter_source("overwrite") is not ParameterSource.DEFAULT:
-        raise ConfigError(f"--resume continues the run in {out}; drop --overwrite")
-    given = {k: v for k, v in flags.items() if v is not None and k != "device"}
-    explicit_config = context.get_parameter_source("config_path") is not ParameterSource.DEFAULT
-    if not (given or explicit_config) or not (out / "config.toml").is_file():
-        return  # nothing to compare (a missing run is reported by train)
-    run = load_config(out / "config.toml")
-    wanted = load_config(config_path if explicit_config else out / "config.toml", **given)
-    differ = [key for key, value in vars(wanted).items() if key != "device" and value != getattr(run, key)]
-    if differ:
-        named = ", ".join(f"--{key.replace('_', '-')} {getattr(wanted, key)!r} (run: {getattr(run, key)!r})"
-                          for key in differ)
-        raise ConfigError(f"--resume continues {out}/config.toml as it is; these differ from it: {named}")
 
 
 @main.command()

@@ -22,7 +22,7 @@ import numpy as np
 
 from allcnn.config import TTA_MODES, ConfigError
 from allcnn.preprocessing import Preprocessing
-from allcnn.weights_io import WeightsSpec, resolve_weights
+from allcnn.manifest import WeightsSpec, resolve_weights
 
 INFERENCE_PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 DEFAULT_PRECISION = "auto"
@@ -110,6 +110,7 @@ def load_classifier(
     """
     from allcnn import hardware
     from allcnn.model import build_model
+    from allcnn.weights_io import load_weights
 
     if precision not in INFERENCE_PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {', '.join(INFERENCE_PRECISIONS)}")
@@ -117,5 +118,6 @@ def load_classifier(
     gpu = hardware.select_device(device)
     policy = hardware.choose_precision(gpu)[0] if precision == "auto" else precision
     with dtype_policy(policy):
-        model = build_model(spec.variant, **spec.architecture, weights=spec.path)
+        model = build_model(spec.variant, **spec.architecture)
+    load_weights(model, spec.path)
     return Classifier(model, spec.preprocessing, spec=spec, precision=policy, device=hardware.describe(gpu))

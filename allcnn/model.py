@@ -59,7 +59,6 @@ def build_model(
     weight_decay: float = 0.0,
     kernel_initializer: str = "he_normal",
     batch_norm: bool = False,
-    weights: str | None = None,
     seed: int | None = None,
 ) -> keras.Sequential:
     """Builds All-CNN-C.
@@ -79,13 +78,13 @@ def build_model(
         kernel_initializer: any Keras initializer name.
         batch_norm: extension, not in the paper: batch normalization after
             each convolution (before its ReLU).
-        weights: optional path of a weights file to load (see
-            `allcnn.weights_io.load_weights`).
         seed: seed for the dropout layers' random streams.
 
     Returns:
         An uncompiled `keras.Sequential` whose last layer is a float32 softmax,
-        as Keras recommends for mixed precision.
+        as Keras recommends for mixed precision. Its weights are random: load
+        saved ones with `allcnn.weights_io.load_weights(model, path)`, which
+        reads every format (this module stays free of file formats).
     """
     if variant not in _CONVS:
         raise ConfigError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
@@ -117,8 +116,4 @@ def build_model(
             model.add(layers.Dropout(dropout, seed=_offset(seed, index), name=f"dropout{index}"))
     model.add(layers.GlobalAveragePooling2D(name="global_average_pooling"))
     model.add(layers.Activation("softmax", dtype="float32", name="predictions"))
-    if weights is not None:
-        from allcnn.weights_io import load_weights
-
-        load_weights(model, weights)
     return model

@@ -1,89 +1,34 @@
-"""Reading weights in every format people have, and knowing what goes with them.
-
-Weights alone are not enough to classify an image: the model variant and the
-preprocessing statistics must match the ones used in training, or accuracy
-silently collapses (the `paper` and `tutorial` variants even have identical
-weight shapes). `resolve_weights` therefore returns the weights path *with*
-its variant and preprocessing, taken from the run folder, the manifest, or the
-file format itself.
+"""Reading weights in every format people have, into an All-CNN-C model.
 
 Formats, detected from the file contents rather than the extension:
 
 - Keras 3 weights (`model.save_weights`, e.g. a run's `best.weights.h5`);
 - full Keras 3 models (`.keras` zip archives), loaded with `safe_mode=True`;
 - legacy Keras 2 HDF5 weights (e.g. the tutorial's
-  `all_cnn_weights_0.9088_0.4994.hdf5`), always the `tutorial` variant with
-  inputs scaled to [0, 1].
+  `all_cnn_weights_0.9088_0.4994.hdf5`).
 
-The shipped default weights are described by `weights/manifest.json`::
-
-    {
-      "default": "allcnn-c",
-      "weights": [{
-        "name": "allcnn-c",
-        "file": "allcnn-c.weights.h5",
-        "sha256": "<hex digest of the file>",
-        "variant": "paper",
-        "batch_norm": false,
-        "preprocessing": {"method": "standardize", "mean": [...], "std": [...]},
-        "val_size": 5000, "seed": 0,
-        "accuracy": {"test_top1": 0.92, "test_top5": 0.997},
-        "produced": {"recipe": "release", "epochs": 350, "hardware": "..."}
-      }]
-    }
-
-`write_manifest_entry` produces such an entry from a finished run folder.
+Which model variant and preprocessing go with a file is `allcnn.manifest`'s
+business; this module only reads arrays and fits them to a model, naming the
+first layer that differs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import re
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from allcnn.errors import AllcnnError
-from allcnn.preprocessing import Preprocessing
 
-MANIFEST = "manifest.json"
-WEIGHTS_DIR_ENV = "ALLCNN_WEIGHTS_DIR"
 KERAS3, KERAS_MODEL, LEGACY_H5 = "keras3-weights", "keras-model", "keras2-hdf5"
-_PASS_WEIGHTS = "pass --weights PATH (a run's best.weights.h5, a .keras model or a Keras 2 .hdf5 file)"
 
 
 class WeightsError(AllcnnError, ValueError):
     """Weights that cannot be found, verified, or fitted to the model; one line."""
-
-
-@dataclass(frozen=True)
-class WeightsSpec:
-    """A weights file and everything needed to use it.
-
-    `architecture` holds extra `build_model` arguments (`batch_norm`);
-    `val_size`/`seed` rebuild the run's validation split.
-    """
-
-    path: Path
-    format: str
-    variant: str
-    preprocessing: Preprocessing
-    architecture: dict = field(default_factory=dict)
-    val_size: int = 5000
-    seed: int = 0
-
-
-def sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -219,164 +164,3 @@ def load_weights(model, path: str | os.PathLike) -> None:
         with _open_hdf5(path) as f:
             saved = _read_keras3(f, model, path) if kind == KERAS3 else _read_legacy(f)
     _assign(model, saved, path)
-
-
-# --- What goes with a weights file ---------------------------------------------
-
-
-def default_weights_dir() -> Path:
-    """`$ALLCNN_WEIGHTS_DIR`, else the shipped `weights/` folder."""
-    from allcnn.resources import weights_dir
-
-    return Path(os.environ[WEIGHTS_DIR_ENV]) if os.environ.get(WEIGHTS_DIR_ENV) else weights_dir()
-
-
-def read_manifest(directory: str | os.PathLike | None = None) -> dict:
-    """The parsed `manifest.json` of a weights folder."""
-    path = Path(directory or default_weights_dir()) / MANIFEST
-    if not path.is_file():
-        raise WeightsError(f"no default weights: {path} does not exist; {_PASS_WEIGHTS}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or not all(isinstance(e, dict) for e in manifest.get("weights", [])):
-        raise WeightsError(f"{path}: expected an object with a list of weights entries")
-    return manifest
-
-
-def manifest_entry(name: str | None = None, directory: str | os.PathLike | None = None) -> dict:
-    """The manifest entry called `name` (default: the manifest's `default`)."""
-    manifest = read_manifest(directory)
-    name = name or manifest.get("default")
-    entries = {entry.get("name"): entry for entry in manifest.get("weights", [])}
-    if name not in entries:
-        raise WeightsError(f"the weights manifest has no entry {name!r} (entries: {', '.join(map(str, entries))})")
-    missing = [key for key in ("file", "sha256", "variant", "preprocessing") if key not in entries[name]]
-    if missing:
-        raise WeightsError(f"the weights manifest's entry {name!r} lacks {', '.join(missing)}")
-    return entries[name]
-
-
-def _verified(directory: Path, entry: dict) -> Path:
-    """The entry's weights path, after checking its sha256."""
-    path = directory / entry["file"]
-    if not path.is_file():
-        raise WeightsError(f"default weights {path} are missing (not downloaded or not installed?); {_PASS_WEIGHTS}")
-    actual = sha256(path)
-    if actual != entry["sha256"]:
-        raise WeightsError(f"{path}: sha256 {actual} does not match the manifest's {entry['sha256']}; "
-                           "the file is corrupt or was replaced")
-    return path
-
-
-def _from_manifest(directory: Path) -> WeightsSpec:
-    entry = manifest_entry(directory=directory)
-    path = _verified(directory, entry)
-    return WeightsSpec(path, weights_format(path), entry["variant"],
-                       Preprocessing.from_dict(entry["preprocessing"], directory),
-                       {"batch_norm": bool(entry.get("batch_norm", False))},
-                       int(entry.get("val_size", 5000)), int(entry.get("seed", 0)))
-
-
-def _keras_archive_architecture(path: Path) -> tuple[str | None, dict]:
-    """Variant and batch norm of an allcnn `.keras` file, from its JSON config only."""
-    with zipfile.ZipFile(path) as archive:
-        config = json.loads(archive.read("config.json"))
-    name = config.get("config", {}).get("name", "")
-    layers = config.get("config", {}).get("layers", [])
-    variant = name.removeprefix("allcnn_c_") if name.startswith("allcnn_c_") else None
-    return variant, {"batch_norm": any(layer.get("class_name") == "BatchNormalization" for layer in layers)}
-
-
-def _from_file(path: Path, variant: str | None, preprocessing_json: Path | None) -> WeightsSpec:
-    """Settings for a given file: its run folder, else what its format implies."""
-    from allcnn.config import load_config
-
-    kind = weights_format(path)
-    run_config = path.parent / "config.toml"
-    found_variant, architecture, split, prep = None, {}, {}, None
-    if run_config.is_file():
-        config = load_config(run_config)
-        found_variant, architecture = config.variant, {"batch_norm": config.batch_norm}
-        split = {"val_size": config.val_size, "seed": config.seed}
-    if (path.parent / "preprocessing.json").is_file():
-        prep = Preprocessing.load(path.parent / "preprocessing.json")
-    if kind == LEGACY_H5:
-        found_variant, prep = found_variant or "tutorial", prep or Preprocessing("scale")
-    elif kind == KERAS_MODEL and found_variant is None:
-        found_variant, architecture = _keras_archive_architecture(path)
-    variant = variant or found_variant
-    if variant is None:
-        raise WeightsError(f"{path}: no config.toml beside it tells the model variant; pass --variant paper|tutorial")
-    if preprocessing_json is not None:
-        prep = Preprocessing.load(preprocessing_json)
-    if prep is None:
-        raise WeightsError(f"{path}: no preprocessing.json beside it; pass --preprocessing-json PATH from its run")
-    return WeightsSpec(path, kind, variant, prep, architecture, **split)
-
-
-def resolve_weights(
-    weights: str | os.PathLike | None = None,
-    *,
-    variant: str | None = None,
-    preprocessing_json: str | os.PathLike | None = None,
-    weights_dir: str | os.PathLike | None = None,
-) -> WeightsSpec:
-    """Which weights, model variant and preprocessing to use.
-
-    Args:
-        weights: a weights file; `None` means the manifest's default entry
-            (sha256-checked) in `weights_dir`.
-        variant, preprocessing_json: override what the file's run folder (or
-            format) says; needed for a bare Keras 3 weights file.
-        weights_dir: where `manifest.json` lies (default: `$ALLCNN_WEIGHTS_DIR`,
-            else the shipped `weights/`).
-    """
-    if weights is None:
-        spec = _from_manifest(Path(weights_dir or default_weights_dir()))
-        if variant or preprocessing_json:
-            prep = Preprocessing.load(preprocessing_json) if preprocessing_json else spec.preprocessing
-            spec = WeightsSpec(spec.path, spec.format, variant or spec.variant, prep, spec.architecture,
-                               spec.val_size, spec.seed)
-        return spec
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file")
-    return _from_file(path, variant, Path(preprocessing_json) if preprocessing_json else None)
-
-
-def write_manifest_entry(
-    weights_file: str | os.PathLike,
-    run_dir: str | os.PathLike,
-    *,
-    name: str,
-    accuracy: dict,
-    produced: dict,
-    default: bool = True,
-) -> dict:
-    """Adds (or replaces) the entry for `weights_file` in its folder's manifest.
-
-    The variant, architecture, split and preprocessing come from `run_dir`, so
-    the manifest cannot drift from how the weights were trained. `accuracy`
-    (e.g. `{"test_top1": ...}` from `allcnn evaluate --json`) and `produced`
-    (recipe, epochs, hardware) are recorded as given.
-    """
-    from allcnn.config import load_config
-    from allcnn.files import atomic_write_text
-
-    weights_file, run_dir = Path(weights_file), Path(run_dir)
-    config = load_config(run_dir / "config.toml")
-    prep = Preprocessing.load(run_dir / "preprocessing.json")
-    if prep.whiten is not None:
-        raise WeightsError("ZCA preprocessing needs its matrix beside the manifest; copy the .zca.npy file by hand")
-    entry = {"name": name, "file": weights_file.name, "sha256": sha256(weights_file), "variant": config.variant,
-             "batch_norm": config.batch_norm, "preprocessing": prep.to_dict(), "val_size": config.val_size,
-             "seed": config.seed, "accuracy": accuracy, "produced": produced}
-    path = weights_file.parent / MANIFEST
-    manifest = json.loads(path.read_text()) if path.is_file() else {"weights": []}
-    manifest["weights"] = [e for e in manifest["weights"] if e.get("name") != name] + [entry]
-    if default or "default" not in manifest:
-        manifest["default"] = name
-    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
-    return entry

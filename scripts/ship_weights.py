@@ -27,8 +27,9 @@ from allcnn.files import atomic_write, atomic_write_text
 from allcnn.inference import load_classifier
 from allcnn.plots import plot_history
 from allcnn.resources import configs_dir
-from allcnn.training import RunError, read_history, read_run_json, restored_epoch
-from allcnn.weights_io import WeightsError, manifest_entry, write_manifest_entry
+from allcnn.run_folder import RunError, RunFolder
+from allcnn.manifest import manifest_entry, write_manifest_entry
+from allcnn.weights_io import WeightsError
 
 NAME = "allcnn-c"
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -37,11 +38,12 @@ WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 def run_summary(run: Path) -> dict:
     """summary.json of a finished run; for one still training (shipping an interim
     best), what this machine would write, since the run trains here."""
-    if (run / "summary.json").exists():
-        return read_run_json(run / "summary.json", "device", "precision", "backend")
+    summary = RunFolder(run).read_summary("device", "precision", "backend")
+    if summary is not None:
+        return summary
     import keras
 
-    config = load_config(run / "config.toml")
+    config = RunFolder(run).read_config()
     return {"device": hardware.describe(None), "backend": keras.backend.backend(),
             "precision": hardware.resolve_precision(config.precision, None)[0]}
 
@@ -50,9 +52,10 @@ def stages(run: Path) -> list[Path]:
     """The run and, for a warm restart, the runs it started from, oldest first."""
     runs = [run]
     while True:
-        if not (runs[0] / "config.toml").is_file():
+        first = RunFolder(runs[0])
+        if not first.has_run():
             sys.exit(f"error: {runs[0]} is not a run folder (no config.toml)")
-        initial = load_config(runs[0] / "config.toml").initial_weights
+        initial = first.read_config().initial_weights
         if not initial:
             return runs
         runs.insert(0, Path(initial).parent)
@@ -64,13 +67,14 @@ def recipe_of(run: Path, config: TrainConfig) -> str:
     for path in sorted(configs_dir().glob("release*.toml")):
         if load_config(path, initial_weights=config.initial_weights) == config:
             return f"configs/{path.name}"
-    sys.exit(f"error: no configs/release*.toml has the settings of {run / 'config.toml'}")
+    sys.exit(f"error: no configs/release*.toml has the settings of {RunFolder(run).config_path}")
 
 
 def completed_epochs(run: Path) -> tuple[int, int]:
     """Epochs the backup holds and complete rows history.csv has: they differ
     while an epoch is being written, or where a run was stopped just then."""
-    return restored_epoch(run), len(read_history(run / "history.csv", sys.maxsize))
+    folder = RunFolder(run)
+    return folder.restored_epoch(), len(folder.read_history())
 
 
 def best_val(rows: list[dict]) -> float:
@@ -129,10 +133,11 @@ def check_beats_shipped(val_top1: float, config: TrainConfig) -> None:
 def load_best(run: Path):
     """The run's best weights, refused while the run is between epochs (the file
     could then be newer than the history that describes it)."""
-    if not (run / "best.weights.h5").is_file():
-        sys.exit(f"error: {run} has no best.weights.h5")
+    best = RunFolder(run).best_weights
+    if not best.is_file():
+        sys.exit(f"error: {run} has no {best.name}")
     before = completed_epochs(run)
-    classifier = load_classifier(run / "best.weights.h5", precision="float32")
+    classifier = load_classifier(best, precision="float32")
     if before[0] != before[1] or completed_epochs(run) != before:
         sys.exit(f"error: {run} is between epochs (history.csv and its backup disagree): wait for the epoch "
                  "to end, or resume a stopped run, then ship")
@@ -143,10 +148,11 @@ def ship(last_stage: Path, data_dir: str) -> dict:
     """Ships `last_stage` (or the earlier stage that scored best) into weights/; returns its manifest entry."""
     # Everything that can fail comes before the first file in weights/ is replaced.
     runs = stages(last_stage)
-    histories = [read_history(run / "history.csv", restored_epoch(run)) for run in runs]
+    folders = [RunFolder(run) for run in runs]
+    histories = [folder.read_history(folder.restored_epoch()) for folder in folders]
     runs = shipped_stages(runs, histories)
     history = joined_history(histories[:len(runs)])
-    configs = [load_config(run / "config.toml") for run in runs]
+    configs = [folder.read_config() for folder in folders[:len(runs)]]
     recipes = [recipe_of(run, config) for run, config in zip(runs, configs)]
     shipped = runs[-1]
     _, (x_test, y_test) = load_cifar10(data_dir)
@@ -170,7 +176,7 @@ def ship(last_stage: Path, data_dir: str) -> dict:
         # The file to ship, through evaluate's own code: one pass over the test set,
         # whose first 1,000 images (exact CIFAR-10 pixels) are scored again alone.
         classifier = load_classifier(pending, variant=configs[-1].variant,
-                                     preprocessing_json=shipped / "preprocessing.json", precision="float32")
+                                     preprocessing_json=RunFolder(shipped).preprocessing_path, precision="float32")
         probabilities = classifier.probabilities(x_test)
     full = metrics(probabilities, y_test)
     exact = metrics(probabilities[:1000], y_test[:1000])
@@ -180,10 +186,10 @@ def ship(last_stage: Path, data_dir: str) -> dict:
     produced["evaluated_on"] = classifier.device
     entry = write_manifest_entry(target, shipped, name=NAME, accuracy=accuracy, produced=produced)
 
-    atomic_write_text(WEIGHTS / f"{NAME}.config.toml", (shipped / "config.toml").read_text())
+    atomic_write_text(WEIGHTS / f"{NAME}.config.toml", RunFolder(shipped).config_path.read_text())
     stage_configs = {WEIGHTS / f"{NAME}.stage{number}.config.toml": run for number, run in enumerate(runs[:-1], 1)}
     for path, run in stage_configs.items():
-        atomic_write_text(path, (run / "config.toml").read_text())
+        atomic_write_text(path, RunFolder(run).config_path.read_text())
     for stale in set(WEIGHTS.glob(f"{NAME}.stage*.config.toml")) - set(stage_configs):
         stale.unlink()
     write_history(history, WEIGHTS / f"{NAME}.history.csv")

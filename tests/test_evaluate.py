@@ -78,7 +78,7 @@ def test_cli_missing_default_weights(cifar_dir, tmp_path, monkeypatch):
 @pytest.mark.skipif(not (SHARED_DATA / "cifar-10-batches-py").is_dir(), reason="../shared/data absent")
 def test_shipped_weights_score_what_their_manifest_says():
     from allcnn.evaluation import evaluate
-    from allcnn.weights_io import manifest_entry
+    from allcnn.manifest import manifest_entry
 
     result = evaluate(data_dir=SHARED_DATA, precision="float32", device="cpu")
     recorded = manifest_entry()["accuracy"]

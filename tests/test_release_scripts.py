@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from allcnn.config import load_config
-from allcnn.weights_io import sha256
+from allcnn.manifest import sha256
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -70,15 +70,15 @@ def _trained_stage(root: Path, name: str, recipe: str, val_accuracies: list[floa
     """A finished stage: config, preprocessing, best weights, history and backup marker."""
     from allcnn.model import build_model
     from allcnn.preprocessing import Preprocessing
-    from allcnn.training import BACKUP
+    from allcnn.run_folder import RunFolder
 
     run = _run_folder(root, name, recipe, **overrides)
     Preprocessing("standardize", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]).save(run / "preprocessing.json")
     build_model("paper", seed=len(name)).save_weights(run / "best.weights.h5")
     rows = "".join(f"{epoch},0.9,60.0,1.0,0.01,{val},1.0\n" for epoch, val in enumerate(val_accuracies))
     (run / "history.csv").write_text("epoch,accuracy,epoch_seconds,loss,lr,val_accuracy,val_loss\n" + rows)
-    (run / BACKUP).mkdir()
-    (run / BACKUP / "training_metadata.json").write_text(json.dumps({"epoch": len(val_accuracies)}))
+    RunFolder(run).backup_dir.mkdir()
+    RunFolder(run).backup_marker.write_text(json.dumps({"epoch": len(val_accuracies)}))
     (run / "summary.json").write_text(json.dumps({"device": "CPU test", "precision": "float32",
                                                   "backend": "tensorflow"}))
     return run

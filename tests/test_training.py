@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,7 +15,8 @@ from click.testing import CliRunner
 from allcnn.cli import main
 from allcnn.config import tomllib
 from allcnn.hardware import Accelerator, choose_precision, cpu_flags, cpu_name, has_native_bf16, resolve_precision
-from allcnn.training import LearningRate, trim_history
+from allcnn.run_folder import RunError, RunFolder
+from allcnn.training import LearningRate
 from conftest import write_cifar_folder
 
 TINY = ["--epochs", "2", "--batch-size", "16", "--val-size", "40", "--precision", "float32", "--lr", "0.01"]
@@ -120,6 +122,21 @@ def test_resume_takes_the_starting_flags_and_refuses_others(cifar_dir, tmp_path)
         assert result.exit_code == 2 and message in result.output, result.output
 
 
+def test_resume_api_checks_flags_against_the_run_without_training(tmp_path):
+    from allcnn.config import ConfigError, make_config
+    from allcnn.training import check_resume_flags, resume
+
+    with pytest.raises(RunError, match="no run in"):
+        resume(tmp_path / "nothing")
+    run, config = RunFolder(tmp_path / "run"), make_config(epochs=2, lr=0.01)
+    run.create(config, {"mode": "none", "replicas": 1, "global_batch_size": 128, "lr": 0.01}, overwrite=False)
+    check_resume_flags(run, run.read_config(), None, {"epochs": 2, "lr": 0.01, "seed": None})
+    with pytest.raises(ConfigError, match=r"these differ from it: --lr 0.1 \(run: 0.01\)$"):
+        check_resume_flags(run, run.read_config(), None, {"lr": 0.1})
+    with pytest.raises(ConfigError, match=r"--epochs 350 \(run: 2\)"):
+        check_resume_flags(run, run.read_config(), "paper", {})
+
+
 def test_wrong_data_dir_leaves_no_run_folder(tmp_path):
     result = _train("--data-dir", str(tmp_path / "nodata"), "--out", str(tmp_path / "run"), *TINY)
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -165,10 +182,72 @@ def test_learning_rate_schedules():
     assert lr("constant", 1000, time_decay=1e-3) == pytest.approx(0.05)
 
 
+def _formula_lr(step, lr, steps_per_epoch, epochs, schedule, warmup_epochs=0, milestones=(), decay_factor=0.1,
+                time_decay=0.0):
+    """LearningRate as it was before Keras' schedules computed it: the values runs were trained with."""
+    from keras import ops
+
+    step = ops.cast(step, "float32")
+    total = float(epochs * steps_per_epoch)
+    warmup = float(warmup_epochs * steps_per_epoch)
+    if schedule == "onecycle" and not warmup:
+        warmup = 0.3 * total
+    progress = ops.clip((step - warmup) / max(total - warmup, 1.0), 0.0, 1.0)
+    if schedule == "step":
+        epoch = ops.floor(step / steps_per_epoch)
+        factor = ops.power(decay_factor, sum(ops.cast(epoch >= m, "float32") for m in milestones))
+    elif schedule == "cosine":
+        factor = 0.5 * (1.0 + ops.cos(math.pi * progress))
+    elif schedule == "onecycle":
+        factor = 1.0 - progress
+    else:
+        factor = ops.ones_like(step)
+    if warmup:
+        factor = factor * ops.minimum(1.0, (step + 1.0) / warmup)
+    return lr * factor / (1.0 + time_decay * step)
+
+
+@pytest.mark.parametrize("schedule, kwargs", [
+    ("cosine", {"warmup_epochs": 2}),  # the release recipes
+    ("cosine", {}),
+    ("constant", {"time_decay": 1e-3}),  # the tutorial recipe
+    ("constant", {"warmup_epochs": 1}),
+    ("onecycle", {}),
+    ("onecycle", {"warmup_epochs": 3}),
+    ("step", {"milestones": [2, 5, 7]}),  # the paper recipe's kind
+    ("step", {"milestones": [7, 2, 2], "warmup_epochs": 1, "decay_factor": 0.2}),
+    ("step", {}),
+    ("cosine", {"warmup_epochs": 2, "time_decay": 1e-2}),
+    ("constant", {"warmup_epochs": 1, "time_decay": 1e-3}),
+])
+def test_learning_rate_equals_the_formulas_it_replaced(schedule, kwargs):
+    import keras
+    import tensorflow as tf
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("compares TensorFlow graphs, as the optimizer's compiled train step runs them")
+    args = (0.02, 7, 10, schedule)  # 70 steps: every warm-up and milestone boundary, and 5 steps past the end
+    new_schedule = LearningRate(*args, **kwargs)
+    iterations = tf.Variable(0, dtype=tf.int64)  # as the optimizer's
+    evaluations = {"eager": (lambda: new_schedule(iterations), lambda: _formula_lr(iterations, *args, **kwargs))}
+    evaluations["graph"] = tuple(tf.function(f) for f in evaluations["eager"])
+    for new_lr, old_lr in evaluations.values():
+        new, old = [], []
+        for step in range(75):
+            iterations.assign(step)
+            new.append(float(new_lr()))
+            old.append(float(old_lr()))
+        if kwargs.get("time_decay") and (schedule != "constant" or kwargs.get("warmup_epochs")):
+            # Keras' InverseTimeDecay divides the lr before the schedule's factor multiplies it: a rounding apart.
+            np.testing.assert_allclose(new, old, rtol=2.4e-7, atol=0)
+        else:  # the same bits: a run resumed with this code goes on with the lr it was trained with
+            np.testing.assert_array_equal(new, old)
+
+
 def test_trim_history_drops_duplicates_and_partial_lines(tmp_path):
     path = tmp_path / "history.csv"
     path.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n2,0.8\n3,0.")
-    assert [r["epoch"] for r in trim_history(path, 3)] == ["0", "1", "2"]
+    assert [r["epoch"] for r in RunFolder(tmp_path).trim_history(3)] == ["0", "1", "2"]
     assert path.read_text() == "epoch,loss\n0,1.0\n1,0.9\n2,0.8\n"
 
 

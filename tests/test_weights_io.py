@@ -21,7 +21,8 @@ def weights(tmp_path_factory):
 
 
 def test_resolve_from_run_folder(weights):
-    from allcnn.weights_io import KERAS3, resolve_weights
+    from allcnn.manifest import resolve_weights
+    from allcnn.weights_io import KERAS3
 
     spec = resolve_weights(weights)
     assert (spec.variant, spec.format, spec.preprocessing.method, spec.val_size) == ("paper", KERAS3, "standardize", 20)
@@ -49,7 +50,7 @@ def test_keras_model_file(weights, tmp_path):
     from allcnn.model import build_model
     from allcnn.weights_io import load_weights
 
-    source = build_model("tutorial", weights=None, seed=1)
+    source = build_model("tutorial", seed=1)
     source.save(tmp_path / "m.keras")
     target = build_model("tutorial")
     load_weights(target, tmp_path / "m.keras")
@@ -58,7 +59,8 @@ def test_keras_model_file(weights, tmp_path):
 
 
 def test_manifest_sha256(weights, tmp_path):
-    from allcnn.weights_io import WeightsError, resolve_weights, write_manifest_entry
+    from allcnn.manifest import resolve_weights, write_manifest_entry
+    from allcnn.weights_io import WeightsError
 
     write_manifest_entry(weights, weights.parent, name="tiny", accuracy={}, produced={"epochs": 0})
     assert resolve_weights(weights_dir=weights.parent).path == weights
@@ -81,7 +83,8 @@ def test_manifest_sha256(weights, tmp_path):
     ({"default": "a", "weights": [{"name": "a", "file": "a.weights.h5"}]}, "lacks sha256, variant, preprocessing"),
 ])
 def test_malformed_manifest_is_one_error(manifest, message, tmp_path):
-    from allcnn.weights_io import WeightsError, resolve_weights
+    from allcnn.manifest import resolve_weights
+    from allcnn.weights_io import WeightsError
 
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(WeightsError, match=message):

@@ -1,0 +1,155 @@
+"""The Keras callbacks of `allcnn train`: what runs around each epoch and writes the run folder.
+
+Each builds on public Keras API: the atomic writes that make a run resumable
+after kill -9 are our own small callbacks rather than overrides of the private
+`_save_model` methods of Keras' ModelCheckpoint and BackupAndRestore. The one
+private name used is SwapEMAWeights' state flag, for want of a public one (see
+`SwapEMAWeights`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import keras
+from keras import ops
+
+from allcnn.files import atomic_save_weights
+from allcnn.run_folder import RunFolder
+
+
+class EpochStats(keras.callbacks.Callback):
+    """Adds the epoch's learning rate and wall time to the logs (so to history.csv)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._lr = float(ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["lr"] = self._lr
+        logs["epoch_seconds"] = time.perf_counter() - self._start
+
+
+class CurvesPlotter(keras.callbacks.Callback):
+    """Redraws curves.png from history.csv after each epoch, so a running run shows its progress."""
+
+    def __init__(self, run: RunFolder):
+        super().__init__()
+        self.run = run
+
+    def on_epoch_end(self, epoch, logs=None):
+        from allcnn.plots import plot_history
+
+        plot_history(self.run.read_history(epoch + 1), self.run.curves_path)
+
+
+class NanStop(keras.callbacks.TerminateOnNaN):
+    """TerminateOnNaN that stops at once (`raise_error`) and remembers it fired.
+
+    Stopping gracefully would still end the epoch: its callbacks would save the
+    NaN weights as last.weights.h5 and mark the epoch done in the backup, so
+    `--resume` would go on from them. Raising keeps both at the last good epoch.
+    """
+
+    fired = False
+
+    def __init__(self):
+        super().__init__(raise_error=True)
+
+    def on_batch_end(self, batch, logs=None):
+        try:
+            super().on_batch_end(batch, logs)
+        except RuntimeError:
+            self.fired = True
+            raise
+
+
+class SwapEMAWeights(keras.callbacks.SwapEMAWeights):
+    """Keras' SwapEMAWeights(swap_on_epoch=True), made to survive a resume.
+
+    With swap_on_epoch the averaged weights are in the model at each epoch end, so
+    validation, both checkpoints and the backup see them (the optimizer's average
+    slots then hold the trained weights), and the next epoch swaps back. A run
+    restored from that backup therefore starts swapped, which Keras' callback
+    never expects: it would train on from the average. `resumed` tells it, through
+    the private flag the callback keeps for exactly this state, since Keras offers
+    no public way to say "the averaged weights are in the model already".
+    """
+
+    def __init__(self, resumed: bool):
+        super().__init__(swap_on_epoch=True)
+        self._ema_weights_in_model = resumed
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """ModelCheckpoint(save_weights_only=True) for `.weights.h5`, replacing the file atomically.
+
+    With `monitor` (maximized), saves only an epoch that beats the best so far,
+    starting from `best` (a resumed run's best epoch), as ModelCheckpoint's
+    `save_best_only` with `initial_value_threshold`; without, saves every epoch.
+    """
+
+    def __init__(self, path, monitor: str | None = None, best: float | None = None):
+        super().__init__()
+        self.path, self.monitor, self.best = path, monitor, best
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.monitor:
+            value = (logs or {}).get(self.monitor)
+            if value is None or (self.best is not None and not value > self.best):
+                return
+            self.best = value
+        atomic_save_weights(self.model, self.path)
+
+
+class RunBackup(keras.callbacks.Callback):
+    """Keras' BackupAndRestore for a run folder, with atomic writes (`RunFolder.write_backup`).
+
+    Keras' callback writes `latest.weights.h5` and its epoch marker in place, so a
+    kill mid-write leaves a truncated file, and one between the two writes pairs
+    epoch k's marker with epoch k+1's weights (and optimizer step). The epoch to
+    start from is `model.fit(initial_epoch=run.restored_epoch())`; this callback
+    restores the weights and optimizer state at the start of training, once
+    `fit` has built the model, and backs up after each epoch. `write=False`
+    (processes other than 0 of a run) restores only.
+    """
+
+    def __init__(self, run: RunFolder, write: bool = True):
+        super().__init__()
+        self.run, self.write = run, write
+
+    def on_train_begin(self, logs=None):
+        weights = self.run.backup_weights()
+        if weights is None:
+            return
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(weights)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.write:
+            self.run.write_backup(self.model, epoch + 1)
+
+
+def tensorboard(logdir) -> list[keras.callbacks.Callback]:
+    """Keras' TensorBoard callback writes through TensorFlow; skip it where there is none (JAX-only GPU hosts)."""
+    if importlib.util.find_spec("tensorflow") is None:
+        print("note: TensorFlow is not installed, so no TensorBoard logs are written")
+        return []
+    return [keras.callbacks.TensorBoard(str(logdir))]
+
+
+def writer_callbacks(run: RunFolder, start_epoch: int) -> list[keras.callbacks.Callback]:
+    """What writes the run folder: history, checkpoints, curves, logs, the backup."""
+    history = run.trim_history(start_epoch)
+    best = max((float(row["val_accuracy"]) for row in history), default=None)
+    return [
+        keras.callbacks.CSVLogger(str(run.history_path), append=True),
+        AtomicCheckpoint(run.best_weights, monitor="val_accuracy", best=best),
+        AtomicCheckpoint(run.last_weights),
+        CurvesPlotter(run),
+        *tensorboard(run.logs_dir),
+        # Last, so that an epoch is only marked done once everything above is written.
+        RunBackup(run),
+    ]

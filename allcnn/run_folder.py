@@ -1,0 +1,182 @@
+"""The run folder of `allcnn train`: where each file lies, and reading and writing them.
+
+A run folder holds everything a user looks for afterwards (see the README's
+table) and what `--resume` continues from. `RunFolder` is the one place that
+knows its layout; training, its callbacks and `scripts/ship_weights.py` go
+through it. Every write is atomic (temp file + rename), so a kill leaves the
+old file or the new one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+from allcnn.config import TrainConfig, load_config
+from allcnn.errors import AllcnnError
+from allcnn.files import atomic_save_weights, atomic_write_text
+from allcnn.preprocessing import Preprocessing
+
+# Keras' BackupAndRestore names; a backup made by an earlier version has them too.
+_BACKUP_MARKER = "training_metadata.json"
+_KERAS_BACKUP_WEIGHTS = "latest.weights.h5"
+
+
+class RunError(AllcnnError, RuntimeError):
+    """The run folder is not in a state that allows what was asked."""
+
+
+def read_run_json(path: Path, *keys: str) -> dict:
+    """A JSON file the run folder keeps, checked for `keys`, so a damaged one fails in one line."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path}: not valid JSON ({e}); the run folder is damaged") from None
+    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise RunError(f"{path}: missing {', '.join(missing)}; the run folder is damaged")
+    return data
+
+
+class RunFolder:
+    """One run folder (`allcnn train --out`), its paths and their reading and writing."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    config_path = property(lambda self: self.path / "config.toml", doc="The fully resolved recipe.")
+    history_path = property(lambda self: self.path / "history.csv", doc="One row per completed epoch.")
+    best_weights = property(lambda self: self.path / "best.weights.h5", doc="Best by val_accuracy.")
+    last_weights = property(lambda self: self.path / "last.weights.h5", doc="The latest epoch's.")
+    preprocessing_path = property(lambda self: self.path / "preprocessing.json", doc="What evaluate replays.")
+    curves_path = property(lambda self: self.path / "curves.png", doc="Loss, accuracy and lr per epoch.")
+    summary_path = property(lambda self: self.path / "summary.json", doc="Totals of all sessions.")
+    distribution_path = property(lambda self: self.path / "distribution.json", doc="Replicas and global batch.")
+    logs_dir = property(lambda self: self.path / "logs", doc="TensorBoard's.")
+    backup_dir = property(lambda self: self.path / "backup", doc="What --resume continues from.")
+    backup_marker = property(lambda self: self.backup_dir / _BACKUP_MARKER, doc="The last completed epoch.")
+
+    # --- config.toml and distribution.json -------------------------------------
+
+    def has_run(self) -> bool:
+        return self.config_path.is_file()
+
+    def read_config(self, device: str | None = None) -> TrainConfig:
+        """The run's config, on `device` if given (a run may move, e.g. from a GPU to a CPU)."""
+        return load_config(self.config_path, device=device)
+
+    def create(self, config: TrainConfig, layout: dict, overwrite: bool) -> None:
+        """Makes the folder of a new run, or replaces one with `overwrite`; writes its config.
+
+        `layout` is how this session runs (mode, replicas, global batch, lr): it goes
+        to distribution.json and, as a comment, to config.toml.
+        """
+        if self.path.exists() and any(self.path.iterdir()):
+            if not overwrite:
+                raise RunError(f"{self.path} already holds a run; use --resume to continue it or --overwrite to "
+                               "replace it")
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        note = (f"# {layout['mode']} on {layout['replicas']} replica(s): global batch {layout['global_batch_size']}, "
+                f"lr {layout['lr']:g} ({config.lr_scaling} lr scaling)\n")
+        atomic_write_text(self.config_path, config.to_toml() + note)
+        atomic_write_text(self.distribution_path, json.dumps(layout, indent=2))
+
+    def check_replicas(self, layout: dict) -> None:
+        """A run resumes only on as many replicas as it started with, so that it follows the same global batches."""
+        path = self.distribution_path
+        started = read_run_json(path, "replicas", "global_batch_size") if path.exists() else None
+        if started and started["replicas"] != layout["replicas"]:
+            raise RunError(f"{self.path} was started on {started['replicas']} replicas (global batch "
+                           f"{started['global_batch_size']}); resume it on as many, not {layout['replicas']}")
+
+    # --- preprocessing.json and summary.json -------------------------------------
+
+    def read_preprocessing(self) -> Preprocessing | None:
+        """The run's preprocessing, or None before it was fitted."""
+        return Preprocessing.load(self.preprocessing_path) if self.preprocessing_path.exists() else None
+
+    def write_preprocessing(self, preprocessing: Preprocessing) -> None:
+        preprocessing.save(self.preprocessing_path)
+
+    def read_summary(self, *keys: str) -> dict | None:
+        """summary.json, checked for `keys`; None while the run has not finished a session."""
+        return read_run_json(self.summary_path, *keys) if self.summary_path.exists() else None
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_text(self.summary_path, json.dumps(summary, indent=2))
+
+    # --- history.csv ---------------------------------------------------------------
+
+    def _history_rows(self, epochs: int | None) -> tuple[str, list[str], list[dict]]:
+        """The header, then one complete line and row for each of the first `epochs` epochs (all if None)."""
+        if not self.history_path.exists():
+            return "", [], []
+        text = self.history_path.read_text()
+        header, *lines = [line for line in text.splitlines(keepends=True) if line.endswith("\n")] or [""]
+        kept_lines, kept = [], []
+        for line, row in zip(lines, csv.DictReader(io.StringIO(header + "".join(lines)))):
+            if int(row["epoch"]) == len(kept) and (epochs is None or len(kept) < epochs):
+                kept_lines.append(line)
+                kept.append(row)
+        return header, kept_lines, kept
+
+    def read_history(self, epochs: int | None = None) -> list[dict]:
+        """history.csv's rows for the first `epochs` epochs (every complete one if None), without touching the file.
+
+        Read only: while a run trains, Keras' CSVLogger keeps the file open for appending.
+        """
+        return self._history_rows(epochs)[2]
+
+    def trim_history(self, epochs: int) -> list[dict]:
+        """Rewrites history.csv to one complete row for each of the first `epochs` epochs.
+
+        An interrupted run may have logged an epoch whose backup never landed, or
+        a partial last line; without trimming, the resumed run duplicates it.
+        """
+        header, lines, rows = self._history_rows(epochs)
+        if self.history_path.exists():
+            atomic_write_text(self.history_path, header + "".join(lines) if rows else "")
+        return rows
+
+    # --- backup/ -------------------------------------------------------------------
+
+    def restored_epoch(self) -> int:
+        """How many epochs the backup holds (0 when there is none)."""
+        return read_run_json(self.backup_marker, "epoch")["epoch"] if self.backup_marker.exists() else 0
+
+    def backup_weights(self) -> Path | None:
+        """The weights (with optimizer state) the backup marker names, or None when there is no backup.
+
+        A marker without a name (a backup written by Keras' own BackupAndRestore)
+        means `latest.weights.h5`, as in Keras.
+        """
+        if not self.backup_marker.exists():
+            return None
+        named = read_run_json(self.backup_marker, "epoch").get("weights")
+        return self.backup_dir / (named or _KERAS_BACKUP_WEIGHTS)
+
+    def write_backup(self, model, epochs: int) -> None:
+        """Backs up `model` (weights and optimizer state) after `epochs` completed epochs.
+
+        Each epoch's weights land by rename under their own name, then the marker,
+        naming them, lands the same way; the previous epoch's file goes only after
+        that. So a kill at any point leaves a marker paired with the weights of its
+        own epoch, never a truncated file or the next epoch's weights.
+        """
+        name = f"epoch-{epochs}.weights.h5"
+        atomic_save_weights(model, self.backup_dir / name)
+        atomic_write_text(self.backup_marker, json.dumps({"epoch": epochs, "batch": 0, "weights": name}))
+        for old in [*self.backup_dir.glob("epoch-*.weights.h5"), self.backup_dir / _KERAS_BACKUP_WEIGHTS]:
+            if old.name != name and old.exists():
+                old.unlink()
