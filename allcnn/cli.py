@@ -252,10 +252,18 @@ def _parse_indices(ctx, param, value: str | None) -> slice | None:
     return slice(first, stop)
 
 
-def _with_weights_options(command):
-    for option in reversed(weights_options):
-        command = option(command)
-    return command
+def _with_options(options: list):
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+_with_weights_options = _with_options(weights_options)
+# Which network, for the commands that take no batch size, precision or --json (explain, export).
+_with_network_options = _with_options([*weights_options[:3], device_option])
 
 
 @main.command()
@@ -332,5 +340,47 @@ def predict(inputs, weights, variant, preprocessing_json, batch_size, precision,
             else:
                 top = "  ".join(f"{t['class']} {t['probability']:.1%}" for t in result["top"])
                 click.echo(f"{result['path']}  {top}")
+    if failed:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@_with_network_options
+@click.option("--class", "class_name", default="top", show_default=True, metavar="NAME|top",
+              help="The CIFAR-10 class to explain (airplane ... truck); top: each image's predicted class.")
+@click.option("--method", type=click.Choice(["guided", "saliency", "gradcam"]), default="guided", show_default=True,
+              help="guided: the paper's guided backpropagation; saliency: |gradient|; gradcam: Grad-CAM.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("explanations"),
+              show_default=True, help="Folder for the PNGs: one per image, and grid.METHOD.png for several.")
+def explain(inputs, weights, variant, preprocessing_json, device, class_name, method, out):
+    """Show what the network looks at: a map of each image's class-score gradient.
+
+    Per image a PNG with the input, its predicted class and the map, named
+    after the image; a grid of them all for several. Bad files get one line
+    on stderr; the others are still explained and the exit status is 1.
+
+    \b
+    Example:
+      allcnn explain cat.jpg photos/ --out maps
+      allcnn explain cat.jpg --method gradcam --class dog
+    """
+    from allcnn.explain import explain as run_explain, save_explanations
+    from allcnn.prediction import ImageError
+
+    explained, failed = [], False
+    with user_errors():
+        for result in run_explain(inputs, weights, method=method, class_name=class_name, device=device or "auto",
+                                  variant=variant, preprocessing_json=preprocessing_json):
+            if isinstance(result, ImageError):
+                failed = True
+                click.echo(f"error: {result}", err=True)
+            else:
+                explained.append(result)
+        written = save_explanations(explained, out)
+    for e, path in zip(explained, written):
+        click.echo(f"{e.path}  {e.predicted} {e.probability:.1%}  {method} of {e.explained}: {path}")
+    if len(written) > len(explained):
+        click.echo(f"grid: {written[-1]}")
     if failed:
         raise SystemExit(1)
