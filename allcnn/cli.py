@@ -14,7 +14,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from allcnn.config import DEVICES, DISTRIBUTE_MODES, LR_SCALINGS, PRECISIONS, SCHEDULES, TTA_MODES, ConfigError
+from allcnn.config import (DEVICES, DISTRIBUTE_MODES, EXPLAIN_METHODS, EXPORT_FORMATS, LR_SCALINGS, PRECISIONS,
+                           SCHEDULES, TTA_MODES, ConfigError)
 from allcnn.errors import AllcnnError
 
 # TensorFlow's C++ start-up chatter is noise for a CLI user.
@@ -349,7 +350,7 @@ def predict(inputs, weights, variant, preprocessing_json, batch_size, precision,
 @_with_network_options
 @click.option("--class", "class_name", default="top", show_default=True, metavar="NAME|top",
               help="The CIFAR-10 class to explain (airplane ... truck); top: each image's predicted class.")
-@click.option("--method", type=click.Choice(["guided", "saliency", "gradcam"]), default="guided", show_default=True,
+@click.option("--method", type=click.Choice(EXPLAIN_METHODS), default="guided", show_default=True,
               help="guided: the paper's guided backpropagation; saliency: |gradient|; gradcam: Grad-CAM.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("explanations"),
               show_default=True, help="Folder for the PNGs: one per image, and grid.METHOD.png for several.")
@@ -384,3 +385,34 @@ def explain(inputs, weights, variant, preprocessing_json, device, class_name, me
         click.echo(f"grid: {written[-1]}")
     if failed:
         raise SystemExit(1)
+
+
+@main.command()
+@_with_network_options
+@click.option("--format", "format_", type=click.Choice(EXPORT_FORMATS), required=True,
+              help="onnx (.onnx, onnxruntime), tflite (.tflite, LiteRT) or saved_model (a folder, TensorFlow).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="The file (a folder for saved_model); PATH.json beside it describes it.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def export(weights, variant, preprocessing_json, device, format_, out, overwrite):
+    """Export the network with its preprocessing, to run without allcnn.
+
+    The exported model takes float32 RGB pixels 0..255, NHWC, 32x32, and returns
+    the 10 class probabilities. Before it is written, it is run with its own
+    runtime and compared with Keras on a few images; a mismatch is an error.
+    Converters: pip install 'allcnn[export]'.
+
+    \b
+    Example:
+      allcnn export --format onnx --out allcnn.onnx
+      allcnn export --weights runs/paper/best.weights.h5 --format tflite --out allcnn.tflite
+    """
+    from allcnn.export import export as run_export, spec_path
+
+    with user_errors():
+        spec = run_export(weights, format=format_, out=out, overwrite=overwrite, device=device or "auto",
+                          variant=variant, preprocessing_json=preprocessing_json)
+    check = spec["check"]
+    click.echo(f"exported {spec['source_weights']['path']} as {format_}: {out} (description: {spec_path(out)})")
+    click.echo(f"checked with {check['runtime']} on {check['images']} images: probabilities within "
+               f"{check['max_abs_difference']:.2g} of Keras' (tolerance {check['tolerance']:g})")

@@ -32,12 +32,11 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from allcnn.config import ConfigError
+from allcnn.config import EXPLAIN_METHODS as METHODS, ConfigError
 from allcnn.errors import AllcnnError
 from allcnn.inference import Classifier, load_classifier
 from allcnn.prediction import ImageError, load_batches
 
-METHODS = ("guided", "saliency", "gradcam")
 TOP = "top"
 # The paper's guided-backprop figures are shown with this percentile of |gradient| at full scale.
 _DISPLAY_PERCENTILE = 99.5
