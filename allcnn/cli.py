@@ -275,14 +275,20 @@ _with_network_options = _with_options([*weights_options[:3], device_option])
 @click.option("--indices", metavar="A:B", callback=_parse_indices,
               help="Only images A..B-1 of the split, e.g. 0:1000 (the exact test images of ../shared/data).")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write a confusion-matrix PNG.")
+@click.option("--plot-samples", type=click.IntRange(min=1), metavar="N",
+              help="Write a PNG grid of the split's first N images (at most 64) with predicted and true class, "
+                   "misclassified in red.")
+@click.option("--samples-out", type=click.Path(path_type=Path, dir_okay=False), default=Path("samples.png"),
+              show_default=True, help="Where --plot-samples writes its grid.")
 def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_json, tta, device, data_dir, split,
-             indices, plot):
+             indices, plot, plot_samples, samples_out):
     """Loss, top-1, top-5 and per-class accuracy of weights on CIFAR-10.
 
     \b
     Example:
       allcnn evaluate --weights runs/paper/best.weights.h5 --data-dir ../shared/data
       allcnn evaluate --indices 0:1000 --tta flip --precision float32
+      allcnn evaluate --plot confusion.png --plot-samples 32 --samples-out samples.png
     """
     import json
 
@@ -291,7 +297,8 @@ def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_jso
 
         result = run_evaluation(weights, data_dir=data_dir, split=split, batch_size=batch_size,
                                 precision=precision, device=device or "auto", variant=variant,
-                                preprocessing_json=preprocessing_json, indices=indices, tta=tta)
+                                preprocessing_json=preprocessing_json, indices=indices, tta=tta,
+                                samples_plot=samples_out if plot_samples else None, samples=plot_samples or 0)
         if plot:
             from allcnn.data import CLASS_NAMES
             from allcnn.plots import plot_confusion
@@ -312,23 +319,32 @@ def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_jso
         click.echo(f"{name:<12}{accuracy:>8.2%}")
     if plot:
         click.echo(f"confusion matrix: {plot}")
+    if plot_samples:
+        click.echo(f"samples: {samples_out}")
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @_with_weights_options
 @click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
-def predict(inputs, weights, variant, preprocessing_json, batch_size, precision, as_json, tta, device, top_k):
+@click.option("--plot", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write a PNG grid of the images with their top class and probability (the first 64).")
+def predict(inputs, weights, variant, preprocessing_json, batch_size, precision, as_json, tta, device, top_k, plot):
     """Classify images (files, folders or globs; any format Pillow reads).
 
     Bad files get one line on stderr; the others are still classified and
     the exit status is 1.
+
+    \b
+    Example:
+      allcnn predict cat.jpg photos/ --top-k 3
+      allcnn predict 'shots/*.png' --plot grid.png
     """
     import json
 
-    from allcnn.prediction import predict as run_prediction
+    from allcnn.prediction import plot_predictions, predict as run_prediction
 
-    failed = False
+    failed, classified = False, []
     with user_errors():
         for result in run_prediction(inputs, weights, top_k=top_k, batch_size=batch_size, precision=precision,
                                      device=device or "auto", variant=variant, preprocessing_json=preprocessing_json,
@@ -341,6 +357,12 @@ def predict(inputs, weights, variant, preprocessing_json, batch_size, precision,
             else:
                 top = "  ".join(f"{t['class']} {t['probability']:.1%}" for t in result["top"])
                 click.echo(f"{result['path']}  {top}")
+            if plot and "error" not in result:
+                classified.append(result)
+        if plot and classified:
+            plot_predictions(classified, plot)
+    if plot and classified and not as_json:
+        click.echo(f"grid: {plot}")
     if failed:
         raise SystemExit(1)
 

@@ -100,11 +100,12 @@ def plot_panels(panels: list[Panel], path: str | Path, columns: int, title: str 
 
 
 def plot_labelled_images(images, captions: list[str], path: str | Path, *, colors: list[str] | None = None,
-                         title: str | None = None) -> None:
-    """Up to `GRID_LIMIT` images in a near-square grid, each with its caption (and colour)."""
+                         title: str | None = None, total: int | None = None) -> None:
+    """Images in a grid up to 8 wide, each with its caption (and colour). At most
+    `GRID_LIMIT` are drawn; `total`, the count they were taken from, goes in the title."""
     shown = min(len(images), GRID_LIMIT)
     colors = colors or ["black"] * shown
     panels = [Panel(images[i], captions[i], colors[i]) for i in range(shown)]
-    if shown < len(images):
-        title = f"{title + ': ' if title else ''}the first {shown} of {len(images)} images"
-    plot_panels(panels, path, columns=min(shown, 8) or 1, title=title)
+    if (total or shown) > shown:
+        title = f"{title + ': ' if title else ''}the first {shown} of {total} images"
+    plot_panels(panels, path, columns=max(1, min(shown, 8)), title=title)

@@ -156,3 +156,13 @@ def predict(
             order = np.argsort(-by_path[path])[:top_k]
             yield {"path": str(path), "top": [{"class": CLASS_NAMES[i], "probability": round(float(by_path[path][i]), 6)}
                                               for i in order]}
+
+
+def plot_predictions(results: list[dict], path: str | os.PathLike) -> None:
+    """A grid of classified images (`predict`'s results without errors), each captioned with
+    its file name, top class and probability; the first `GRID_LIMIT` are drawn."""
+    from allcnn.plots import GRID_LIMIT, plot_labelled_images
+
+    shown = results[:GRID_LIMIT]
+    captions = [f"{Path(r['path']).name}\n{r['top'][0]['class']} {r['top'][0]['probability']:.0%}" for r in shown]
+    plot_labelled_images([load_image(r["path"]) for r in shown], captions, path, total=len(results))
