@@ -38,7 +38,8 @@ from allcnn.inference import Classifier, load_classifier
 from allcnn.prediction import ImageError, load_batches
 
 TOP = "top"
-# The paper's guided-backprop figures are shown with this percentile of |gradient| at full scale.
+# A guided gradient is drawn with this percentile of |gradient| at full scale, so that a few
+# extreme pixels do not leave the rest of the map flat grey.
 _DISPLAY_PERCENTILE = 99.5
 
 Layers = list[Callable]
@@ -63,32 +64,37 @@ def guided_relu(x):
     return forward(x)
 
 
-def score_layers(model, *, guided: bool = False) -> Layers:
-    """The model's layers up to the pre-softmax score, as callables in inference mode.
+def _network_layers(model) -> list:
+    """The layers from the input to the pre-softmax score: no Dropout (dropout off), no final softmax.
 
-    Dropout layers are left out (dropout off) and so is the final softmax; with
-    `guided`, every ReLU layer becomes `guided_relu`. The model must be a
-    `build_model` network: a Sequential with separate ReLU layers.
+    The model must be a `build_model` network, whose convs are linear and followed by
+    separate ReLU layers: a layer with an activation of its own would hide a ReLU from
+    guided backpropagation, so it is refused.
     """
     import keras
 
-    chosen: Layers = []
-    for layer in model.layers[:-1]:  # the last layer is the softmax
-        if isinstance(layer, keras.layers.Dropout):
-            continue
-        if guided and isinstance(layer, keras.layers.ReLU):
-            chosen.append(guided_relu)
-        else:
-            chosen.append(lambda x, layer=layer: layer(x, training=False))
-    return chosen
+    kept = [layer for layer in model.layers[:-1] if not isinstance(layer, keras.layers.Dropout)]
+    for layer in kept:
+        if getattr(layer, "activation", keras.activations.linear) is not keras.activations.linear:
+            raise ExplainError(f"layer {layer.name!r} of {model.name} has its own activation; explain needs the "
+                               "activations as separate layers, as build_model makes them")
+    return kept
+
+
+def score_layers(model, *, guided: bool = False) -> Layers:
+    """The model's layers up to the pre-softmax score, as callables in inference mode;
+    with `guided`, every ReLU layer becomes `guided_relu`."""
+    import keras
+
+    return [guided_relu if guided and isinstance(layer, keras.layers.ReLU)
+            else (lambda x, layer=layer: layer(x, training=False)) for layer in _network_layers(model)]
 
 
 def gradcam_split(model) -> int:
     """Index in `score_layers(model)` where Grad-CAM's feature map comes out: the input of the last conv."""
     import keras
 
-    kept = [layer for layer in model.layers[:-1] if not isinstance(layer, keras.layers.Dropout)]
-    return max(i for i, layer in enumerate(kept) if isinstance(layer, keras.layers.Conv2D))
+    return max(i for i, layer in enumerate(_network_layers(model)) if isinstance(layer, keras.layers.Conv2D))
 
 
 def run_layers(layers: Layers, x):

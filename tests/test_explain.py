@@ -161,3 +161,14 @@ def test_same_names_do_not_overwrite(tmp_path):
                     for path in ("x/cat.png", "y/cat.png", "grid.png")]
     assert [p.name for p in save_explanations(explanations, tmp_path)] == [
         "cat.saliency.png", "cat-2.saliency.png", "grid-2.saliency.png", "grid.saliency.png"]
+
+
+def test_a_layer_with_its_own_activation_is_refused():
+    import keras
+
+    from allcnn.explain import ExplainError, guided_gradient
+
+    model = keras.Sequential([keras.Input((2, 2, 2)), keras.layers.Conv2D(2, 1, activation="relu"),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Activation("softmax")])
+    with pytest.raises(ExplainError, match="own activation"):
+        guided_gradient(model, X, np.array([0]))
