@@ -3,7 +3,8 @@
 The exported graph takes what a camera gives: float32 RGB pixels 0..255,
 NHWC, 32x32 (resizing is the caller's job). The training preprocessing is
 built in as Keras layers in front of the network (`Rescaling(1/255)`, then for
-`standardize` a per-channel `Rescaling` by 1/std with offset -mean/std, the training statistics), dropout
+`standardize` a per-channel `Rescaling` by 1/std with offset -mean/std, the training statistics;
+for `zca` a layer with the contrast normalization and the whitening matrix), dropout
 is left out (inference only) and everything is float32. It returns the softmax
 probabilities (N, 10).
 
@@ -110,19 +111,42 @@ def _version(package: str) -> str:
         return "unknown"
 
 
+def _zca_layer(mean: np.ndarray, whiten: np.ndarray):
+    """A layer doing what `Preprocessing("zca")` does after the /255: global contrast
+    normalization of each image, then `(x - mean) @ whiten`, the statistics held as
+    non-trainable weights (the converters fold them into constants)."""
+    import keras
+    from keras import ops
+
+    from allcnn.preprocessing import global_contrast_normalize
+
+    class ZcaWhitening(keras.layers.Layer):
+        def build(self, input_shape):
+            self.mean = self.add_weight(shape=mean.shape, initializer=keras.initializers.Constant(mean),
+                                        trainable=False, name="mean")
+            self.whiten = self.add_weight(shape=whiten.shape, initializer=keras.initializers.Constant(whiten),
+                                          trainable=False, name="whiten")
+
+        def call(self, x):
+            flat = global_contrast_normalize(ops.reshape(x, (-1, whiten.shape[0])), ops)
+            return ops.reshape(ops.matmul(flat - self.mean, self.whiten), (-1, *x.shape[1:]))
+
+    return ZcaWhitening(name="zca_whitening")
+
+
 def preprocessing_layers(classifier: Classifier) -> list:
     """The classifier's numpy preprocessing as Keras layers on pixels 0..255."""
     import keras
 
     prep = classifier.preprocessing
-    if prep.method == "zca":
-        raise ExportError("export builds scale and standardize preprocessing into the graph; ZCA is not supported")
     layers = [keras.layers.Rescaling(1 / 255, name="scale_to_unit")]
     if prep.method == "standardize":
         # (x - mean) / std per channel. Not `Normalization`: it holds its statistics as
         # eager tensors, which tf2onnx turns into extra graph inputs instead of constants.
         mean, std = np.asarray(prep.mean, np.float32), np.asarray(prep.std, np.float32)
         layers.append(keras.layers.Rescaling((1 / std).tolist(), offset=(-mean / std).tolist(), name="standardize"))
+    elif prep.method == "zca":
+        layers.append(_zca_layer(np.asarray(prep.mean, np.float32), np.asarray(prep.whiten, np.float32)))
     return layers
 
 

@@ -127,3 +127,20 @@ def test_readme_onnx_example_runs_without_allcnn(weights, tmp_path):
                          timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() in json.loads((tmp_path / "allcnn.onnx.json").read_text())["classes"]
+
+
+@pytest.mark.parametrize("format_, name", [ROUND_TRIPS[0], ROUND_TRIPS[2]])
+def test_zca_preprocessing_in_the_graph_matches_numpy(weights, tmp_path, format_, name):
+    """A ZCA run (random statistics of the right shapes: the layer must only match numpy)."""
+    import shutil
+
+    from allcnn.export import TOLERANCE, export
+    from allcnn.preprocessing import Preprocessing
+
+    run = tmp_path / "zca_run"
+    shutil.copytree(weights.parent, run)
+    rng = np.random.default_rng(3)
+    Preprocessing("zca", rng.normal(0, 1, 3072).tolist(), [],
+                  rng.normal(0, 0.02, (3072, 3072)).astype(np.float32)).save(run / "preprocessing.json")
+    spec = export(run / weights.name, format=format_, out=tmp_path / name)
+    assert spec["preprocessing"]["method"] == "zca" and spec["check"]["max_abs_difference"] <= TOLERANCE
