@@ -192,6 +192,15 @@ class Explanation:
     map: np.ndarray
 
 
+def _check_choices(method: str, class_name: str) -> None:
+    from allcnn.data import CLASS_NAMES
+
+    if method not in METHODS:
+        raise ConfigError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if class_name != TOP and class_name not in CLASS_NAMES:
+        raise ConfigError(f"class {class_name!r} is not {TOP} nor one of {', '.join(CLASS_NAMES)}")
+
+
 def explain_arrays(classifier: Classifier, images: np.ndarray, *, method: str = "guided",
                    class_name: str = TOP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Maps for uint8 images (N, 32, 32, 3): `(maps, explained class indices, probabilities)`.
@@ -201,10 +210,7 @@ def explain_arrays(classifier: Classifier, images: np.ndarray, *, method: str = 
     """
     from allcnn.data import CLASS_NAMES
 
-    if method not in METHODS:
-        raise ConfigError(f"method {method!r} is not one of {', '.join(METHODS)}")
-    if class_name != TOP and class_name not in CLASS_NAMES:
-        raise ConfigError(f"class {class_name!r} is not {TOP} nor one of {', '.join(CLASS_NAMES)}")
+    _check_choices(method, class_name)
     probabilities = classifier.probabilities(images)
     classes = (probabilities.argmax(axis=1) if class_name == TOP
                else np.full(len(images), CLASS_NAMES.index(class_name)))
@@ -231,6 +237,7 @@ def explain(
     """
     from allcnn.data import CLASS_NAMES
 
+    _check_choices(method, class_name)  # before any image, so a bad flag is reported even if none loads
     classifier = load_classifier(weights, variant=variant, preprocessing_json=preprocessing_json,
                                  precision="float32", device=device, weights_dir=weights_dir)
     for batch in load_batches(inputs, batch_size):
