@@ -32,7 +32,7 @@ import numpy as np
 
 from allcnn.config import ConfigError
 from allcnn.errors import AllcnnError
-from allcnn.inference import Classifier, load_classifier
+from allcnn.inference import Classifier, dtype_policy, load_classifier
 
 # float32 through different kernels (oneDNN in Keras, the runtimes' own): the probabilities
 # measured here agreed to ~1e-6; a real mismatch (wrong preprocessing, dropout left on) is > 1e-2.
@@ -151,15 +151,19 @@ def preprocessing_layers(classifier: Classifier) -> list:
 
 
 def deployable_model(classifier: Classifier):
-    """A float32 functional model: pixels 0..255 in, probabilities out, dropout left out."""
+    """A float32 functional model: pixels 0..255 in, probabilities out, dropout left out.
+
+    The new layers are made under a float32 policy whatever the global one (a notebook's,
+    or a training run's mixed precision earlier in the process)."""
     import keras
 
-    pixels = keras.Input(classifier.model.input_shape[1:], dtype="float32", name="pixels")
-    x = pixels
-    for layer in preprocessing_layers(classifier) + classifier.model.layers:
-        if not isinstance(layer, keras.layers.Dropout):
-            x = layer(x)
-    model = keras.Model(pixels, x, name=f"{classifier.model.name}_deployable")
+    with dtype_policy("float32"):
+        pixels = keras.Input(classifier.model.input_shape[1:], dtype="float32", name="pixels")
+        x = pixels
+        for layer in preprocessing_layers(classifier) + classifier.model.layers:
+            if not isinstance(layer, keras.layers.Dropout):
+                x = layer(x)
+        model = keras.Model(pixels, x, name=f"{classifier.model.name}_deployable")
     model(np.zeros((1, *model.input_shape[1:]), np.float32))  # Keras exports only a model that has been called
     return model
 

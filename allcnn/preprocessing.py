@@ -77,7 +77,7 @@ class Preprocessing:
 
 
 def global_contrast_normalize(flat, xp=np):
-    """Each image (a row of `flat`) centred and scaled to norm `_GCN_SCALE`.
+    """Each image (a row of `flat`) centred and scaled to a root mean square of `_GCN_SCALE`.
 
     `xp` is the array library: numpy here, `keras.ops` inside an exported graph
     (allcnn/export.py), so both compute the same thing from one definition.

@@ -144,3 +144,18 @@ def test_zca_preprocessing_in_the_graph_matches_numpy(weights, tmp_path, format_
                   rng.normal(0, 0.02, (3072, 3072)).astype(np.float32)).save(run / "preprocessing.json")
     spec = export(run / weights.name, format=format_, out=tmp_path / name)
     assert spec["preprocessing"]["method"] == "zca" and spec["check"]["max_abs_difference"] <= TOLERANCE
+
+
+def test_a_global_mixed_precision_policy_does_not_leak_into_the_export(weights, tmp_path):
+    """A training run (or a notebook) may leave a mixed policy set; the export stays float32."""
+    import keras
+
+    from allcnn.export import export
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        spec = export(weights, format="saved_model", out=tmp_path / "m")
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert spec["check"]["max_abs_difference"] <= 1e-4
