@@ -14,7 +14,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from allcnn.config import DEVICES, DISTRIBUTE_MODES, LR_SCALINGS, PRECISIONS, SCHEDULES, TTA_MODES, ConfigError
+from allcnn.config import (DEVICES, DISTRIBUTE_MODES, EXPLAIN_METHODS, EXPORT_FORMATS, LR_SCALINGS, PRECISIONS,
+                           SCHEDULES, TTA_MODES, ConfigError)
 from allcnn.errors import AllcnnError
 
 # TensorFlow's C++ start-up chatter is noise for a CLI user.
@@ -232,10 +233,18 @@ def _parse_indices(ctx, param, value: str | None) -> slice | None:
     return slice(first, stop)
 
 
-def _with_weights_options(command):
-    for option in reversed(weights_options):
-        command = option(command)
-    return command
+def _with_options(options: list):
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+_with_weights_options = _with_options(weights_options)
+# Which network, for the commands that take no batch size, precision or --json (explain, export).
+_with_network_options = _with_options([*weights_options[:3], device_option])
 
 
 @main.command()
@@ -246,14 +255,20 @@ def _with_weights_options(command):
 @click.option("--indices", metavar="A:B", callback=_parse_indices,
               help="Only images A..B-1 of the split, e.g. 0:1000 (the exact test images of ../shared/data).")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write a confusion-matrix PNG.")
+@click.option("--plot-samples", type=click.IntRange(min=1), metavar="N",
+              help="Write a PNG grid of the split's first N images (at most 64) with predicted and true class, "
+                   "misclassified in red.")
+@click.option("--samples-out", type=click.Path(path_type=Path, dir_okay=False), default=Path("samples.png"),
+              show_default=True, help="Where --plot-samples writes its grid.")
 def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_json, tta, device, data_dir, split,
-             indices, plot):
+             indices, plot, plot_samples, samples_out):
     """Loss, top-1, top-5 and per-class accuracy of weights on CIFAR-10.
 
     \b
     Example:
       allcnn evaluate --weights runs/paper/best.weights.h5 --data-dir ../shared/data
       allcnn evaluate --indices 0:1000 --tta flip --precision float32
+      allcnn evaluate --plot confusion.png --plot-samples 32 --samples-out samples.png
     """
     import json
 
@@ -262,7 +277,8 @@ def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_jso
 
         result = run_evaluation(weights, data_dir=data_dir, split=split, batch_size=batch_size,
                                 precision=precision, device=device or "auto", variant=variant,
-                                preprocessing_json=preprocessing_json, indices=indices, tta=tta)
+                                preprocessing_json=preprocessing_json, indices=indices, tta=tta,
+                                samples_plot=samples_out if plot_samples else None, samples=plot_samples or 0)
         if plot:
             from allcnn.data import CLASS_NAMES
             from allcnn.plots import plot_confusion
@@ -283,23 +299,32 @@ def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_jso
         click.echo(f"{name:<12}{accuracy:>8.2%}")
     if plot:
         click.echo(f"confusion matrix: {plot}")
+    if plot_samples:
+        click.echo(f"samples: {samples_out}")
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @_with_weights_options
 @click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
-def predict(inputs, weights, variant, preprocessing_json, batch_size, precision, as_json, tta, device, top_k):
+@click.option("--plot", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write a PNG grid of the images with their top class and probability (the first 64).")
+def predict(inputs, weights, variant, preprocessing_json, batch_size, precision, as_json, tta, device, top_k, plot):
     """Classify images (files, folders or globs; any format Pillow reads).
 
     Bad files get one line on stderr; the others are still classified and
     the exit status is 1.
+
+    \b
+    Example:
+      allcnn predict cat.jpg photos/ --top-k 3
+      allcnn predict 'shots/*.png' --plot grid.png
     """
     import json
 
-    from allcnn.prediction import predict as run_prediction
+    from allcnn.prediction import plot_predictions, predict as run_prediction
 
-    failed = False
+    failed, classified = False, []
     with user_errors():
         for result in run_prediction(inputs, weights, top_k=top_k, batch_size=batch_size, precision=precision,
                                      device=device or "auto", variant=variant, preprocessing_json=preprocessing_json,
@@ -312,5 +337,84 @@ def predict(inputs, weights, variant, preprocessing_json, batch_size, precision,
             else:
                 top = "  ".join(f"{t['class']} {t['probability']:.1%}" for t in result["top"])
                 click.echo(f"{result['path']}  {top}")
+            if plot and "error" not in result:
+                classified.append(result)
+        if plot and classified:
+            plot_predictions(classified, plot)
+    if plot and classified and not as_json:
+        click.echo(f"grid: {plot}")
     if failed:
         raise SystemExit(1)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@_with_network_options
+@click.option("--class", "class_name", default="top", show_default=True, metavar="NAME|top",
+              help="The CIFAR-10 class to explain (airplane ... truck); top: each image's predicted class.")
+@click.option("--method", type=click.Choice(EXPLAIN_METHODS), default="guided", show_default=True,
+              help="guided: the paper's guided backpropagation; saliency: |gradient|; gradcam: Grad-CAM.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("explanations"),
+              show_default=True, help="Folder for the PNGs: one per image, and grid.METHOD.png for several.")
+def explain(inputs, weights, variant, preprocessing_json, device, class_name, method, out):
+    """Show what the network looks at: a map of each image's class-score gradient.
+
+    Per image a PNG with the input, its predicted class and the map, named
+    after the image; a grid of them all for several. Bad files get one line
+    on stderr; the others are still explained and the exit status is 1.
+
+    \b
+    Example:
+      allcnn explain cat.jpg photos/ --out maps
+      allcnn explain cat.jpg --method gradcam --class dog
+    """
+    from allcnn.explain import explain as run_explain, save_explanations
+    from allcnn.prediction import ImageError
+
+    explained, failed = [], False
+    with user_errors():
+        for result in run_explain(inputs, weights, method=method, class_name=class_name, device=device or "auto",
+                                  variant=variant, preprocessing_json=preprocessing_json):
+            if isinstance(result, ImageError):
+                failed = True
+                click.echo(f"error: {result}", err=True)
+            else:
+                explained.append(result)
+        written = save_explanations(explained, out)
+    for e, path in zip(explained, written):
+        click.echo(f"{e.path}  {e.predicted} {e.probability:.1%}  {method} of {e.explained}: {path}")
+    if len(written) > len(explained):
+        click.echo(f"grid: {written[-1]}")
+    if failed:
+        raise SystemExit(1)
+
+
+@main.command()
+@_with_network_options
+@click.option("--format", "format_", type=click.Choice(EXPORT_FORMATS), required=True,
+              help="onnx (.onnx, onnxruntime), tflite (.tflite, LiteRT) or saved_model (a folder, TensorFlow).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="The file (a folder for saved_model); PATH.json beside it describes it.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def export(weights, variant, preprocessing_json, device, format_, out, overwrite):
+    """Export the network with its preprocessing, to run without allcnn.
+
+    The exported model takes float32 RGB pixels 0..255, NHWC, 32x32, and returns
+    the 10 class probabilities. Before it is written, it is run with its own
+    runtime and compared with Keras on a few images; a mismatch is an error.
+    Converters: pip install 'allcnn[export]'.
+
+    \b
+    Example:
+      allcnn export --format onnx --out allcnn.onnx
+      allcnn export --weights runs/paper/best.weights.h5 --format tflite --out allcnn.tflite
+    """
+    from allcnn.export import export as run_export, spec_path
+
+    with user_errors():
+        spec = run_export(weights, format=format_, out=out, overwrite=overwrite, device=device or "auto",
+                          variant=variant, preprocessing_json=preprocessing_json)
+    check = spec["check"]
+    click.echo(f"exported {spec['source_weights']['path']} as {format_}: {out} (description: {spec_path(out)})")
+    click.echo(f"checked with {check['runtime']} on {check['images']} images: probabilities within "
+               f"{check['max_abs_difference']:.2g} of Keras' (tolerance {check['tolerance']:g})")

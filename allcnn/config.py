@@ -27,6 +27,9 @@ LR_SCALINGS = ("linear", "none")
 # Test-time augmentation of evaluate and predict: "flip" averages the probabilities of
 # each image and its mirror (training flips images at random, so the network knows both).
 TTA_MODES = ("none", "flip")
+# `allcnn explain`'s maps and `allcnn export`'s formats (see allcnn/explain.py, allcnn/export.py).
+EXPLAIN_METHODS = ("guided", "saliency", "gradcam")
+EXPORT_FORMATS = ("onnx", "tflite", "saved_model")
 
 
 class ConfigError(AllcnnError, ValueError):

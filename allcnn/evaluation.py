@@ -46,6 +46,8 @@ def evaluate(
     weights_dir: str | os.PathLike | None = None,
     indices: slice | None = None,
     tta: str = "none",
+    samples_plot: str | os.PathLike | None = None,
+    samples: int = 16,
 ) -> dict:
     """Evaluates weights on the test split or the run's held-out validation split.
 
@@ -53,7 +55,8 @@ def evaluate(
     (from its config.toml or the manifest), so they are the ones training held out.
     `indices` evaluates a part of the split, e.g. `slice(0, 1000)`: of our copy of
     CIFAR-10, test images 0..999 are the exact official pixels. `tta="flip"` averages
-    each image with its mirror.
+    each image with its mirror. `samples_plot` writes a PNG grid of the first `samples`
+    images evaluated, with their predicted and true classes (see `plot_samples`).
     """
     from allcnn import data
 
@@ -73,8 +76,26 @@ def evaluate(
     start = time.perf_counter()
     probabilities = classifier.probabilities(x, batch_size, tta)
     seconds = time.perf_counter() - start
+    if samples_plot is not None:
+        plot_samples(x[:samples], y[:samples], probabilities[:samples], samples_plot,
+                     title=f"{classifier.spec.path.name} on {split} {first}:{first + min(samples, len(x))}")
     return {"weights": str(classifier.spec.path), "variant": classifier.spec.variant, "split": split,
             "indices": f"{first}:{stop}", "tta": tta, "images": len(x), **metrics(probabilities, y),
             "seconds": round(seconds, 3),
             "images_per_second": round(len(x) / seconds, 1), "precision": classifier.precision,
             "device": classifier.device}
+
+
+def plot_samples(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, path: str | os.PathLike,
+                 title: str = "") -> None:
+    """A grid of images captioned with the predicted class, its probability and the true
+    class; the misclassified ones in red, and their count in the title."""
+    from allcnn.data import CLASS_NAMES
+    from allcnn.plots import plot_labelled_images
+
+    predicted = probabilities.argmax(axis=1)
+    captions = [f"{CLASS_NAMES[p]} {probabilities[i, p]:.0%}\ntrue: {CLASS_NAMES[t]}"
+                for i, (p, t) in enumerate(zip(predicted, labels))]
+    wrong = predicted != labels
+    plot_labelled_images(images, captions, path, colors=["red" if w else "black" for w in wrong],
+                         title=f"{title}: {int(wrong.sum())} of {len(images)} misclassified (red)".lstrip(": "))

@@ -54,3 +54,34 @@ def atomic_save_weights(model, path: str | os.PathLike) -> None:
 
     with atomic_write(path, suffix=".weights.h5") as tmp, outside_distribution():
         model.save_weights(tmp, overwrite=True)
+
+
+@contextlib.contextmanager
+def atomic_write_directory(path: str | os.PathLike) -> Iterator[str]:
+    """Yields a temp folder beside `path`; on success it takes `path`'s place.
+
+    A folder cannot be renamed over another, so an existing `path` is first
+    renamed aside and removed only once the new one is in place: a crash leaves
+    the old folder or the new one (or the old one under its temp name), never a mix.
+    """
+    import shutil
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise FileAccessError.of(e, path) from None
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give what mkdir would
+    try:
+        yield tmp
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent)) / path.name
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old.parent)
+    except OSError as e:
+        raise FileAccessError.of(e, path) from None
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)

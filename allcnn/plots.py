@@ -1,8 +1,15 @@
-"""Matplotlib figures: learning curves of a run, confusion matrices."""
+"""Matplotlib figures: learning curves of a run, confusion matrices, grids of images."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+# A grid shows at most this many images: beyond it the cells get too small to read.
+GRID_LIMIT = 64
 
 
 def _figure(**kwargs):
@@ -41,8 +48,6 @@ def plot_history(history: list[dict], path: str | Path) -> None:
 
 def plot_confusion(confusion, class_names, path: str | Path, title: str = "confusion matrix") -> None:
     """Row-normalized confusion matrix (true class down, predicted across), counts in cells."""
-    import numpy as np
-
     counts = np.asarray(confusion)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     fig = _figure(figsize=(8, 7), layout="constrained")
@@ -60,3 +65,47 @@ def plot_confusion(confusion, class_names, path: str | Path, title: str = "confu
                     color="white" if rates[i, j] > 0.5 else "black")
     fig.colorbar(image, ax=ax, label="fraction of the true class")
     _save(fig, path)
+
+
+@dataclass
+class Panel:
+    """One cell of an image grid.
+
+    `image` is RGB (H, W, 3), uint8 or float in [0, 1], or a map (H, W) in [0, 1];
+    `overlay`, a map (H, W) in [0, 1], is drawn over it as a translucent heat map.
+    """
+
+    image: np.ndarray
+    caption: str = ""
+    color: str = "black"
+    overlay: np.ndarray | None = None
+
+
+def plot_panels(panels: list[Panel], path: str | Path, columns: int, title: str | None = None) -> None:
+    """Panels in a grid, `columns` wide, each with its caption above it in its colour."""
+    rows = max(1, math.ceil(len(panels) / columns))
+    fig = _figure(figsize=(1.9 * columns, 2.0 * rows + (0.4 if title else 0)), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, panel in zip(axes.flat, panels):
+        # 32x32 pixels drawn as blocks, as they are; a map in [0, 1] in one colour scale
+        ax.imshow(panel.image, cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
+        if panel.overlay is not None:
+            ax.imshow(panel.overlay, cmap="jet", vmin=0, vmax=1, alpha=0.45, interpolation="bilinear")
+        ax.set_title(panel.caption, color=panel.color, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_labelled_images(images, captions: list[str], path: str | Path, *, colors: list[str] | None = None,
+                         title: str | None = None, total: int | None = None) -> None:
+    """Images in a grid up to 8 wide, each with its caption (and colour). At most
+    `GRID_LIMIT` are drawn; `total`, the count they were taken from, goes in the title."""
+    shown = min(len(images), GRID_LIMIT)
+    colors = colors or ["black"] * shown
+    panels = [Panel(images[i], captions[i], colors[i]) for i in range(shown)]
+    if (total or shown) > shown:
+        title = f"{title + ': ' if title else ''}the first {shown} of {total} images"
+    plot_panels(panels, path, columns=max(1, min(shown, 8)), title=title)

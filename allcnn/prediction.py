@@ -101,6 +101,28 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> Iterator[Path | ImageE
             yield from [Path(p) for p in sorted(glob.glob(str(item)))] or [ImageError(f"{item}: no files match")]
 
 
+def load_batches(inputs: Iterable[str | os.PathLike],
+                 batch_size: int) -> Iterator[list[tuple[Path | None, np.ndarray | ImageError]]]:
+    """The inputs expanded (see `expand_inputs`) and decoded `batch_size` at a time, in order:
+    `(path, uint8 image)`, or `(path, ImageError)` for a bad one (path `None` for a pattern
+    that matched nothing), so a folder of any size streams with bounded memory."""
+    batch: list[tuple[Path | None, np.ndarray | ImageError]] = []
+    for item in expand_inputs(inputs):
+        batch.append((None, item) if isinstance(item, ImageError) else (item, _load_or_error(item)))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _load_or_error(path: Path) -> np.ndarray | ImageError:
+    try:
+        return load_image(path)
+    except ImageError as e:
+        return e
+
+
 def predict(
     inputs: Iterable[str | os.PathLike],
     weights: str | os.PathLike | None = None,
@@ -123,31 +145,24 @@ def predict(
 
     classifier = load_classifier(weights, variant=variant, preprocessing_json=preprocessing_json,
                                  precision=precision, device=device, weights_dir=weights_dir)
-    pending: list[Path | ImageError] = []
-
-    def flush() -> Iterator[dict]:
-        loaded = {}
-        for item in pending:
-            if isinstance(item, Path):
-                try:
-                    loaded[item] = load_image(item)
-                except ImageError as e:
-                    loaded[item] = e
-        good = [p for p, v in loaded.items() if not isinstance(v, ImageError)]
-        probabilities = classifier.probabilities(np.stack([loaded[p] for p in good]), tta=tta) if good else []
-        by_path = dict(zip(good, probabilities))
-        for item in pending:
-            failure = item if isinstance(item, ImageError) else loaded[item]
-            if isinstance(failure, ImageError):
-                yield {"path": str(item) if isinstance(item, Path) else None, "error": str(failure)}
+    for batch in load_batches(inputs, batch_size):
+        good = [(path, image) for path, image in batch if not isinstance(image, ImageError)]
+        probabilities = classifier.probabilities(np.stack([image for _, image in good]), tta=tta) if good else []
+        by_path = {path: p for (path, _), p in zip(good, probabilities)}
+        for path, image in batch:
+            if isinstance(image, ImageError):
+                yield {"path": None if path is None else str(path), "error": str(image)}
                 continue
-            order = np.argsort(-by_path[item])[:top_k]
-            yield {"path": str(item), "top": [{"class": CLASS_NAMES[i], "probability": round(float(by_path[item][i]), 6)}
+            order = np.argsort(-by_path[path])[:top_k]
+            yield {"path": str(path), "top": [{"class": CLASS_NAMES[i], "probability": round(float(by_path[path][i]), 6)}
                                               for i in order]}
-        pending.clear()
 
-    for item in expand_inputs(inputs):
-        pending.append(item)
-        if len(pending) == batch_size:
-            yield from flush()
-    yield from flush()
+
+def plot_predictions(results: list[dict], path: str | os.PathLike) -> None:
+    """A grid of classified images (`predict`'s results without errors), each captioned with
+    its file name, top class and probability; the first `GRID_LIMIT` are drawn."""
+    from allcnn.plots import GRID_LIMIT, plot_labelled_images
+
+    shown = results[:GRID_LIMIT]
+    captions = [f"{Path(r['path']).name}\n{r['top'][0]['class']} {r['top'][0]['probability']:.0%}" for r in shown]
+    plot_labelled_images([load_image(r["path"]) for r in shown], captions, path, total=len(results))

@@ -42,7 +42,7 @@ class Preprocessing:
             return x
         if self.method == "standardize":
             return (x - np.float32(self.mean)) / np.float32(self.std)
-        flat = _global_contrast_normalize(x.reshape(len(x), -1))
+        flat = global_contrast_normalize(x.reshape(len(x), -1))
         return ((flat - np.float32(self.mean)) @ self.whiten.astype(np.float32)).reshape(x.shape)
 
     def to_dict(self) -> dict:
@@ -76,10 +76,15 @@ class Preprocessing:
         return cls.from_dict(json.loads(Path(path).read_text()), Path(path).parent)
 
 
-def _global_contrast_normalize(flat: np.ndarray) -> np.ndarray:
-    centered = flat - flat.mean(axis=1, keepdims=True)
-    norms = np.sqrt((centered**2).mean(axis=1, keepdims=True))
-    return _GCN_SCALE * centered / np.maximum(norms, 1e-8)
+def global_contrast_normalize(flat, xp=np):
+    """Each image (a row of `flat`) centred and scaled to a root mean square of `_GCN_SCALE`.
+
+    `xp` is the array library: numpy here, `keras.ops` inside an exported graph
+    (allcnn/export.py), so both compute the same thing from one definition.
+    """
+    centered = flat - xp.mean(flat, axis=1, keepdims=True)
+    norms = xp.sqrt(xp.mean(centered**2, axis=1, keepdims=True))
+    return _GCN_SCALE * centered / xp.maximum(norms, 1e-8)
 
 
 def fit_preprocessing(method: str, train_images: np.ndarray) -> Preprocessing:
@@ -91,7 +96,7 @@ def fit_preprocessing(method: str, train_images: np.ndarray) -> Preprocessing:
     x = np.asarray(train_images, dtype=np.float64) / 255.0
     if method == "standardize":
         return Preprocessing("standardize", x.mean(axis=(0, 1, 2)).tolist(), x.std(axis=(0, 1, 2)).tolist())
-    flat = _global_contrast_normalize(x.reshape(len(x), -1))
+    flat = global_contrast_normalize(x.reshape(len(x), -1))
     mean = flat.mean(axis=0)
     eigenvalues, eigenvectors = np.linalg.eigh(np.cov(flat - mean, rowvar=False))
     whiten = (eigenvectors / np.sqrt(eigenvalues + _ZCA_EPSILON)) @ eigenvectors.T
