@@ -75,7 +75,7 @@ def main(debug: bool) -> None:
 @main.command()
 @click.option("--config", "config_path", default="paper", show_default=True,
               help="A TOML recipe: a path, or the name of one in configs/ "
-                   "(paper, tutorial, release-stage1, release, release-stage3).")
+                   "(paper, tutorial, release-v2, release-stage1, release, release-stage3).")
 @click.option("--epochs", type=click.IntRange(min=1))
 @click.option("--batch-size", type=click.IntRange(min=1))
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
@@ -255,7 +255,7 @@ _with_network_options = _with_options([*weights_options[:3], device_option])
 @click.option("--indices", metavar="A:B", callback=_parse_indices,
               help="Only images A..B-1 of the split, e.g. 0:1000 (the exact test images of ../shared/data).")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write a confusion-matrix PNG.")
-@click.option("--plot-samples", type=click.IntRange(min=1), metavar="N",
+@click.option("--plot-samples", type=click.IntRange(1, 64), metavar="N",  # 64: plots.GRID_LIMIT
               help="Write a PNG grid of the split's first N images (at most 64) with predicted and true class, "
                    "misclassified in red.")
 @click.option("--samples-out", type=click.Path(path_type=Path, dir_okay=False), default=Path("samples.png"),

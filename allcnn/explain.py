@@ -12,7 +12,7 @@ in float32:
 - `saliency`: the plain gradient (Simonyan et al., 2014): its absolute value,
   the maximum over the colour channels.
 - `gradcam`: Grad-CAM (Selvaraju et al., 2017) on the last 192-channel feature
-  map (6x6, the input of the final 1x1 classifier conv): that map's channels
+  map (6x6 in `paper`, the input of the final 1x1 classifier conv): that map's channels
   weighted by their spatially averaged gradient, summed, ReLU'd, and resized
   to 32x32 bilinearly.
 

@@ -129,5 +129,5 @@ class EpochSeeder(keras.callbacks.Callback):
         for i, layer in enumerate(self.model.layers):
             generator = getattr(layer, "seed_generator", None)
             if generator is not None:
-                generator.state.assign(np.array([self.seed * 1000 + i, epoch * self.STEPS_APART],
+                generator.state.assign(np.array([self.seed * 1000 + i, epoch * self.STEPS_APART % 2**32],
                                                   dtype=generator.state.dtype))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from allcnn.config import PREPROCESSINGS, ConfigError
+from allcnn.errors import FileAccessError
 
 # Global contrast normalization scale and ZCA regularizer, as in Goodfellow et
 # al.'s maxout preprocessing that the paper reuses.
@@ -73,7 +74,14 @@ class Preprocessing:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Preprocessing":
-        return cls.from_dict(json.loads(Path(path).read_text()), Path(path).parent)
+        """Reads `save()`'s JSON (and ZCA matrix); a missing or damaged file is one line naming it."""
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()), path.parent)
+        except OSError as e:
+            raise FileAccessError.of(e) from None
+        except (ValueError, KeyError) as e:  # bad JSON or a bad .zca.npy
+            raise ConfigError(f"{path}: damaged preprocessing file ({e})") from None
 
 
 def global_contrast_normalize(flat, xp=np):

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from allcnn.config import TrainConfig, load_config
-from allcnn.errors import AllcnnError
+from allcnn.errors import AllcnnError, FileAccessError
 from allcnn.files import atomic_save_weights, atomic_write_text
 from allcnn.preprocessing import Preprocessing
 
@@ -81,12 +81,15 @@ class RunFolder:
         `layout` is how this session runs (mode, replicas, global batch, lr): it goes
         to distribution.json and, as a comment, to config.toml.
         """
-        if self.path.exists() and any(self.path.iterdir()):
-            if not overwrite:
-                raise RunError(f"{self.path} already holds a run; use --resume to continue it or --overwrite to "
-                               "replace it")
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.path.exists() and any(self.path.iterdir()):
+                if not overwrite:
+                    raise RunError(f"{self.path} already holds a run; use --resume to continue it or --overwrite "
+                                   "to replace it")
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # --out is a file, or the system refuses
+            raise FileAccessError.of(e, self.path) from None
         note = (f"# {layout['mode']} on {layout['replicas']} replica(s): global batch {layout['global_batch_size']}, "
                 f"lr {layout['lr']:g} ({config.lr_scaling} lr scaling)\n")
         atomic_write_text(self.config_path, config.to_toml() + note)

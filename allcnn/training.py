@@ -22,6 +22,7 @@ from allcnn import data, distribute, hardware
 from allcnn.callbacks import EpochStats, NanStop, RunBackup, SwapEMAWeights, writer_callbacks
 from allcnn.config import ConfigError, TrainConfig, load_config
 from allcnn.distribute import Replicas, WorkerLost, is_worker_loss
+from allcnn.inference import dtype_policy
 from allcnn.model import build_model
 from allcnn.pipeline import CifarBatches, EpochSeeder
 from allcnn.preprocessing import fit_preprocessing
@@ -181,7 +182,7 @@ def load_splits(config: TrainConfig, data_dir) -> tuple[tuple, tuple, tuple]:
 
 
 def _configure(config: TrainConfig):
-    """Seeds, device and precision: must happen before the model is built."""
+    """Seeds, device and the precision policy to build the model under."""
     keras.utils.set_random_seed(config.seed)
     gpu = hardware.select_device(config.device)
     if keras.backend.backend() == "tensorflow" and gpu is None:
@@ -189,7 +190,6 @@ def _configure(config: TrainConfig):
 
         tf.config.experimental.enable_op_determinism()
     policy, reason = hardware.resolve_precision(config.precision, gpu)
-    keras.config.set_dtype_policy(policy)
     print(f"device: {hardware.describe(gpu)} ({keras.backend.backend()} backend)")
     print(f"precision: {policy} ({reason})")
     return gpu, policy
@@ -243,7 +243,9 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test: bool, prepare: Cal
     if replicas.is_chief:
         prepare(layout)
     train_batches, val_batches = make_batches(config, run, train_split, val_split, replicas, layout)
-    with replicas.scope():
+    # Layers take the policy when built; set around the build only, so that the
+    # process (a notebook, the next run) keeps its own global policy.
+    with replicas.scope(), dtype_policy(policy):
         model = compile_model(config, len(train_batches), layout["lr"])
 
     start_epoch = run.restored_epoch()

@@ -159,7 +159,7 @@ def ship(last_stage: Path, data_dir: str) -> dict:
     best = max(history, key=lambda row: float(row["val_accuracy"]))
     check_beats_shipped(float(best["val_accuracy"]), configs[-1])
     summary = run_summary(shipped)
-    command = ("scripts/train_release.sh DATA_DIR RUN_DIR" if len(runs) == 1 else
+    command = ("scripts/train_release.sh DATA_DIR RUN_DIR" if recipes == ["configs/release-v2.toml"] else
                "allcnn train --config RECIPE, each stage with --initial-weights PREVIOUS_STAGE/last.weights.h5")
     produced = {"recipe": recipes if len(recipes) > 1 else recipes[0],
                 "command": command,

@@ -176,3 +176,13 @@ def test_shipped_folders_are_found():
 
     assert (configs_dir() / "paper.toml").is_file()
     assert (weights_dir() / "manifest.json").is_file()
+
+
+def test_missing_or_damaged_preprocessing_file_is_one_line(tmp_path):
+    from allcnn.errors import AllcnnError
+
+    with pytest.raises(AllcnnError, match=f"{tmp_path / 'none.json'}: No such file"):
+        Preprocessing.load(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{bad")
+    with pytest.raises(AllcnnError, match=f"{tmp_path / 'bad.json'}: damaged preprocessing file"):
+        Preprocessing.load(tmp_path / "bad.json")

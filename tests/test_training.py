@@ -26,6 +26,18 @@ def _train(*args):
     return CliRunner().invoke(main, ["train", *args])
 
 
+def test_training_leaves_the_global_precision_policy_alone(cifar_dir, tmp_path):
+    import keras
+
+    from allcnn.config import load_config
+    from allcnn.training import train
+
+    before = keras.config.dtype_policy().name
+    config = load_config(epochs=1, batch_size=16, val_size=40, precision="mixed_bfloat16")
+    train(config, tmp_path / "run", data_dir=cifar_dir)
+    assert keras.config.dtype_policy().name == before == "float32"
+
+
 def test_two_epochs_write_the_whole_run_folder(cifar_dir, tmp_path):
     out = tmp_path / "run"
     result = _train("--data-dir", str(cifar_dir), "--out", str(out), "--test", *TINY)
@@ -346,3 +358,10 @@ def test_initial_weights_start_a_warm_restart(cifar_dir, tmp_path, monkeypatch):
     # Same seed and data: only the starting weights differ from the first run's epoch 1.
     warm = float(next(csv.DictReader(open(second / "history.csv")))["loss"])
     assert warm < float(next(csv.DictReader(open(first / "history.csv")))["loss"])
+
+
+def test_out_that_is_a_file_is_one_line(cifar_dir, tmp_path):
+    (tmp_path / "file").write_text("")
+    result = _train("--data-dir", str(cifar_dir), "--out", str(tmp_path / "file" / "run"), *TINY)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr == f"Error: {tmp_path / 'file' / 'run'}: Not a directory\n"
