@@ -16,7 +16,7 @@ import keras
 from keras import ops
 
 from allcnn.files import atomic_save_weights
-from allcnn.run_folder import RunFolder
+from allcnn.run_folder import RunFolder, best_val_accuracy
 
 
 class EpochStats(keras.callbacks.Callback):
@@ -143,7 +143,7 @@ def tensorboard(logdir) -> list[keras.callbacks.Callback]:
 def writer_callbacks(run: RunFolder, start_epoch: int) -> list[keras.callbacks.Callback]:
     """What writes the run folder: history, checkpoints, curves, logs, the backup."""
     history = run.trim_history(start_epoch)
-    best = max((float(row["val_accuracy"]) for row in history), default=None)
+    best = best_val_accuracy(history)
     return [
         keras.callbacks.CSVLogger(str(run.history_path), append=True),
         AtomicCheckpoint(run.best_weights, monitor="val_accuracy", best=best),

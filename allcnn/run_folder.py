@@ -42,6 +42,11 @@ def read_run_json(path: Path, *keys: str) -> dict:
     return data
 
 
+def best_val_accuracy(history: list[dict], default: float | None = None) -> float | None:
+    """The highest val_accuracy of history.csv rows (`default` when there are none)."""
+    return max((float(row["val_accuracy"]) for row in history), default=default)
+
+
 class RunFolder:
     """One run folder (`allcnn train --out`), its paths and their reading and writing."""
 

@@ -26,7 +26,7 @@ from allcnn.inference import dtype_policy
 from allcnn.model import build_model
 from allcnn.pipeline import CifarBatches, EpochSeeder
 from allcnn.preprocessing import fit_preprocessing
-from allcnn.run_folder import RunError, RunFolder
+from allcnn.run_folder import RunError, RunFolder, best_val_accuracy
 
 VAL_BATCH = 500
 
@@ -331,7 +331,7 @@ def write_summary(run: RunFolder, config: TrainConfig, history: list[dict], poli
         "precision": policy,
         "device": hardware.describe(gpu),
         "backend": keras.backend.backend(),
-        "best_val_accuracy": max((float(row["val_accuracy"]) for row in history), default=None),
+        "best_val_accuracy": best_val_accuracy(history),
         "last_val_accuracy": float(history[-1]["val_accuracy"]) if history else None,
     }
     run.write_summary(summary)

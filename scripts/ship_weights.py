@@ -27,7 +27,7 @@ from allcnn.files import atomic_write, atomic_write_text
 from allcnn.inference import load_classifier
 from allcnn.plots import plot_history
 from allcnn.resources import configs_dir
-from allcnn.run_folder import RunError, RunFolder
+from allcnn.run_folder import RunError, RunFolder, best_val_accuracy
 from allcnn.manifest import manifest_entry, write_manifest_entry
 from allcnn.weights_io import WeightsError
 
@@ -77,10 +77,6 @@ def completed_epochs(run: Path) -> tuple[int, int]:
     return folder.restored_epoch(), len(folder.read_history())
 
 
-def best_val(rows: list[dict]) -> float:
-    return max((float(row["val_accuracy"]) for row in rows), default=-1.0)
-
-
 def hours_to(rows: list[dict], val_accuracy: float) -> float | None:
     """Training hours until the first epoch that reached `val_accuracy` (None if none did)."""
     seconds = 0.0
@@ -94,12 +90,12 @@ def hours_to(rows: list[dict], val_accuracy: float) -> float | None:
 def shipped_stages(runs: list[Path], histories: list[list[dict]]) -> list[Path]:
     """The stages up to the one whose best epoch scores highest on validation:
     a later stage that never beats an earlier one is not shipped."""
-    best = max(range(len(runs)), key=lambda stage: best_val(histories[stage]))
+    best = max(range(len(runs)), key=lambda stage: best_val_accuracy(histories[stage], -1.0))
     if not histories[best]:
         sys.exit(f"error: no completed epoch in {', '.join(map(str, runs))}")
     for run, rows in zip(runs[best + 1:], histories[best + 1:]):
-        reason = f"its best val_accuracy {best_val(rows):.4f} does not beat" if rows else "no completed epoch yet; best is"
-        print(f"not shipping {run}: {reason} {best_val(histories[best]):.4f} of {runs[best]}", file=sys.stderr)
+        reason = f"its best val_accuracy {best_val_accuracy(rows):.4f} does not beat" if rows else "no completed epoch yet; best is"
+        print(f"not shipping {run}: {reason} {best_val_accuracy(histories[best], -1.0):.4f} of {runs[best]}", file=sys.stderr)
     return runs[:best + 1]
 
 

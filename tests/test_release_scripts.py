@@ -116,9 +116,9 @@ def test_ship_weights_refuses_a_run_that_does_not_beat_the_shipped_weights(tmp_p
     weights = tmp_path / "weights"
     weights.mkdir()
     monkeypatch.setattr(ship, "WEIGHTS", weights)
-    first = _trained_stage(tmp_path, "first", "release-stage1", [0.5, 0.6])
-    worse = _trained_stage(tmp_path, "worse", "release-stage1", [0.55])
-    better = _trained_stage(tmp_path, "better", "release-stage1", [0.61])
+    first = _trained_stage(tmp_path, "first", "release-v2", [0.5, 0.6])
+    worse = _trained_stage(tmp_path, "worse", "release-v2", [0.55])
+    better = _trained_stage(tmp_path, "better", "release-v2", [0.61])
     monkeypatch.setattr("sys.argv", ["ship_weights.py", str(first), "--data-dir", str(cifar_dir)])
     ship.main()
     entry = json.loads((weights / "manifest.json").read_text())["weights"][0]
