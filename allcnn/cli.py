@@ -127,6 +127,8 @@ def train(config_path, data_dir, out, resume, overwrite, test, coordinator_addre
     from allcnn.config import load_config
 
     with user_errors():
+        if resume and overwrite:  # before joining a cluster, which may wait for the other processes
+            raise ConfigError(f"--resume continues the run in {out}; drop --overwrite")
         if coordinator_address or (num_processes or 1) > 1:
             from allcnn.distribute import join_cluster
 
@@ -136,8 +138,6 @@ def train(config_path, data_dir, out, resume, overwrite, test, coordinator_addre
         from allcnn import training
         from allcnn.distribute import WorkerLost
 
-        if resume and overwrite:
-            raise ConfigError(f"--resume continues the run in {out}; drop --overwrite")
         try:
             if resume:  # --config counts only when given: its default is no claim about the run
                 explicit = click.get_current_context().get_parameter_source("config_path") is not ParameterSource.DEFAULT
