@@ -2,7 +2,8 @@
 
 The package imports nothing heavy itself, and the CLI imports Keras only inside a
 command, so `allcnn --help` starts fast. The API: `allcnn.model.build_model`,
-`allcnn.data.load_cifar10`, `allcnn.training.train` and `resume`, and the
+`allcnn.data.load_dataset` (CIFAR-10, CIFAR-100, image folders),
+`allcnn.training.train` and `resume`, and the
 evaluation, prediction, explain and export modules.
 """
 

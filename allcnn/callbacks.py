@@ -112,15 +112,16 @@ class RunBackup(keras.callbacks.Callback):
     start from is `model.fit(initial_epoch=run.restored_epoch())`; this callback
     restores the weights and optimizer state at the start of training, once
     `fit` has built the model, and backs up after each epoch. `write=False`
-    (processes other than 0 of a run) restores only.
+    (processes other than 0 of a run) restores only; `restore=False` only writes
+    (a phase that starts from the previous phase's weights, not from its backup).
     """
 
-    def __init__(self, run: RunFolder, write: bool = True):
+    def __init__(self, run: RunFolder, write: bool = True, restore: bool = True):
         super().__init__()
-        self.run, self.write = run, write
+        self.run, self.write, self.restore = run, write, restore
 
     def on_train_begin(self, logs=None):
-        weights = self.run.backup_weights()
+        weights = self.run.backup_weights() if self.restore else None
         if weights is None:
             return
         if self.model.optimizer is not None and not self.model.optimizer.built:
@@ -140,8 +141,8 @@ def tensorboard(logdir) -> list[keras.callbacks.Callback]:
     return [keras.callbacks.TensorBoard(str(logdir))]
 
 
-def writer_callbacks(run: RunFolder, start_epoch: int) -> list[keras.callbacks.Callback]:
-    """What writes the run folder: history, checkpoints, curves, logs, the backup."""
+def writer_callbacks(run: RunFolder, start_epoch: int, restore: bool = True) -> list[keras.callbacks.Callback]:
+    """What writes the run folder: history, checkpoints, curves, logs, the backup (see `RunBackup` for `restore`)."""
     history = run.trim_history(start_epoch)
     best = best_val_accuracy(history)
     return [
@@ -151,5 +152,5 @@ def writer_callbacks(run: RunFolder, start_epoch: int) -> list[keras.callbacks.C
         CurvesPlotter(run),
         *tensorboard(run.logs_dir),
         # Last, so that an epoch is only marked done once everything above is written.
-        RunBackup(run),
+        RunBackup(run, restore=restore),
     ]

@@ -14,8 +14,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from allcnn.config import (DEVICES, DISTRIBUTE_MODES, EXPLAIN_METHODS, EXPORT_FORMATS, LR_SCALINGS, PRECISIONS,
-                           SCHEDULES, TTA_MODES, ConfigError)
+from allcnn.config import (DATASETS, DEVICES, DISTRIBUTE_MODES, EXPLAIN_METHODS, EXPORT_FORMATS, LR_SCALINGS, PRECISIONS,
+                           SCHEDULES, SHIPPED, TTA_MODES, ConfigError)
 from allcnn.errors import AllcnnError
 
 # TensorFlow's C++ start-up chatter is noise for a CLI user.
@@ -54,13 +54,19 @@ def user_errors():
             raise
         if isinstance(e, ConfigError):
             raise click.UsageError(str(e)) from None
-        raise click.ClickException(str(e)) from None
+        error = click.ClickException(str(e))
+        error.exit_code = getattr(e, "exit_code", 1)  # 2 where nothing can be done with the data (DatasetError)
+        raise error from None
 
 
 data_dir_option = click.option(
     "--data-dir", type=click.Path(path_type=Path), envvar="ALLCNN_DATA_DIR",
-    help="CIFAR-10: a cifar-10-batches-py folder, its parent, or cifar-10-python.tar.gz "
+    help="CIFAR-10 (or -100): a cifar-10-batches-py folder, its parent, or cifar-10-python.tar.gz; "
+         "or your own images, one sub-folder per class (DIR/CLASS/IMAGE) "
          "[env ALLCNN_DATA_DIR; default: Keras' cache, downloading if needed].")
+dataset_option = click.option(
+    "--dataset", type=click.Choice(DATASETS), default=None,
+    help="auto (default): an image folder when --data-dir holds class sub-folders, else cifar10.")
 device_option = click.option("--device", type=click.Choice(DEVICES), default=None,
                              help="auto: a GPU when the backend sees one, else the CPU.")
 
@@ -75,7 +81,8 @@ def main(debug: bool) -> None:
 @main.command()
 @click.option("--config", "config_path", default="paper", show_default=True,
               help="A TOML recipe: a path, or the name of one in configs/ "
-                   "(paper, tutorial, release-v2, release-stage1, release, release-stage3).")
+                   "(paper, paper-cifar100, finetune, tutorial, release-v3, release-v2, release-stage1, release, "
+                   "release-stage3).")
 @click.option("--epochs", type=click.IntRange(min=1))
 @click.option("--batch-size", type=click.IntRange(min=1))
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
@@ -93,10 +100,23 @@ def main(debug: bool) -> None:
 @click.option("--precision", type=click.Choice(PRECISIONS),
               help="auto: bf16 only where the hardware has it natively.")
 @click.option("--seed", type=int)
-@click.option("--initial-weights", type=click.Path(path_type=Path, dir_okay=False),
-              help="Start from these weights instead of a random init (a warm restart).")
+@click.option("--initial-weights", metavar="PATH|shipped",
+              help="Start from these weights (shipped: ours, CIFAR-10) instead of a random init: all layers for "
+                   "the same classes, else all but the classifier (transfer learning).")
+@click.option("--freeze-base/--no-freeze-base", default=None,
+              help="Train only the classifier (the last 1x1 conv); the base keeps its initial weights.")
+@click.option("--head-epochs", type=click.IntRange(min=0),
+              help="First train the classifier alone for N epochs (at --head-lr), then unfreeze all layers.")
+@click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), help="The lr of the --head-epochs.")
 @click.option("--val-size", type=click.IntRange(min=1), help="Training images held out for validation (5000).")
+@click.option("--val-split", type=click.FloatRange(0, 1, max_open=True),
+              help="Hold out this fraction of the training images instead (e.g. 0.2 for a small image folder).")
+@click.option("--image-size", type=click.IntRange(min=16),
+              help="Network input size for an image folder, images resized to it (default 32, as CIFAR).")
+@dataset_option
 @data_dir_option
+@click.option("--test-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="An image folder's test images, with the same class sub-folders as --data-dir.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("runs/allcnn"),
               show_default=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
@@ -115,14 +135,16 @@ def main(debug: bool) -> None:
 @click.option("--process-id", type=click.IntRange(min=0), envvar=["KERAS_DISTRIBUTION_PROCESS_ID", "JAX_PROCESS_ID"],
               help="This process's index, 0 writes the run folder [env KERAS_DISTRIBUTION_PROCESS_ID].")
 @click.option("--test", is_flag=True, help="Evaluate the best weights on the test set at the end.")
-def train(config_path, data_dir, out, resume, overwrite, test, coordinator_address, num_processes, process_id,
-          **flags) -> None:
+def train(config_path, data_dir, test_dir, out, resume, overwrite, test, coordinator_address, num_processes,
+          process_id, **flags) -> None:
     """Train All-CNN-C into a run folder (resumable).
 
     \b
     Example:
       allcnn train --config paper --data-dir ../shared/data --out runs/paper
       allcnn train --resume --out runs/paper
+      allcnn train --config finetune --data-dir my_photos --out runs/mine
+      allcnn train --config paper-cifar100 --data-dir cifar-100-python --out runs/c100
     """
     from allcnn.config import load_config
 
@@ -133,19 +155,19 @@ def train(config_path, data_dir, out, resume, overwrite, test, coordinator_addre
             from allcnn.distribute import join_cluster
 
             join_cluster(coordinator_address, num_processes, process_id)
-        if flags["initial_weights"]:  # absolute, so that the run's config.toml works from anywhere
-            flags["initial_weights"] = str(flags["initial_weights"].resolve())
+        if flags["initial_weights"] not in (None, "", SHIPPED):  # absolute: the run's config.toml works anywhere
+            flags["initial_weights"] = str(Path(flags["initial_weights"]).resolve())
         from allcnn import training
         from allcnn.distribute import WorkerLost
 
         try:
             if resume:  # --config counts only when given: its default is no claim about the run
                 explicit = click.get_current_context().get_parameter_source("config_path") is not ParameterSource.DEFAULT
-                summary = training.resume(out, data_dir=data_dir, test=test, recipe=config_path if explicit else None,
-                                          **flags)
+                summary = training.resume(out, data_dir=data_dir, test_dir=test_dir, test=test,
+                                          recipe=config_path if explicit else None, **flags)
             else:
                 summary = training.train(load_config(config_path, **flags), out, data_dir=data_dir,
-                                         overwrite=overwrite, test=test)
+                                         test_dir=test_dir, overwrite=overwrite, test=test)
         except KeyboardInterrupt:
             raise click.ClickException(f"interrupted; continue with: allcnn train --resume --out {out}") from None
         except WorkerLost as e:
@@ -160,6 +182,8 @@ def train(config_path, data_dir, out, resume, overwrite, test, coordinator_addre
                    f"the run folder")
         return
     line = f"done: {summary['epochs']} epochs, best val_accuracy {summary['best_val_accuracy']:.4f}"
+    if summary.get("skipped_files"):
+        line += f", {summary['skipped_files']} files skipped (not usable images, listed above)"
     if "test_accuracy" in summary:
         line += f", test accuracy {summary['test_accuracy']:.4f}"
     click.echo(f"{line}; run folder {out}")
@@ -250,8 +274,9 @@ _with_network_options = _with_options([*weights_options[:3], device_option])
 @main.command()
 @_with_weights_options
 @data_dir_option
+@dataset_option
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
-              help="val: the run's 5,000 held-out training images.")
+              help="val: the run's held-out training images. For an image folder, test is all of its images.")
 @click.option("--indices", metavar="A:B", callback=_parse_indices,
               help="Only images A..B-1 of the split, e.g. 0:1000 (the exact test images of ../shared/data).")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write a confusion-matrix PNG.")
@@ -260,15 +285,16 @@ _with_network_options = _with_options([*weights_options[:3], device_option])
                    "misclassified in red.")
 @click.option("--samples-out", type=click.Path(path_type=Path, dir_okay=False), default=Path("samples.png"),
               show_default=True, help="Where --plot-samples writes its grid.")
-def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_json, tta, device, data_dir, split,
-             indices, plot, plot_samples, samples_out):
-    """Loss, top-1, top-5 and per-class accuracy of weights on CIFAR-10.
+def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_json, tta, device, data_dir, dataset,
+             split, indices, plot, plot_samples, samples_out):
+    """Loss, top-1, top-5 and per-class accuracy of weights on their dataset (CIFAR-10, -100, an image folder).
 
     \b
     Example:
       allcnn evaluate --weights runs/paper/best.weights.h5 --data-dir ../shared/data
       allcnn evaluate --indices 0:1000 --tta flip --precision float32
       allcnn evaluate --plot confusion.png --plot-samples 32 --samples-out samples.png
+      allcnn evaluate --weights runs/mine/best.weights.h5 --data-dir my_test_photos
     """
     import json
 
@@ -277,13 +303,13 @@ def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_jso
 
         result = run_evaluation(weights, data_dir=data_dir, split=split, batch_size=batch_size,
                                 precision=precision, device=device or "auto", variant=variant,
-                                preprocessing_json=preprocessing_json, indices=indices, tta=tta,
+                                preprocessing_json=preprocessing_json, dataset=dataset or "auto", indices=indices,
+                                tta=tta,
                                 samples_plot=samples_out if plot_samples else None, samples=plot_samples or 0)
         if plot:
-            from allcnn.data import CLASS_NAMES
             from allcnn.plots import plot_confusion
 
-            plot_confusion(result["confusion"], CLASS_NAMES, plot,
+            plot_confusion(result["confusion"], list(result["per_class"]), plot,
                            f"{Path(result['weights']).name} on {split}: top-1 {result['top1']:.2%}")
     if as_json:
         click.echo(json.dumps(result))
@@ -351,7 +377,8 @@ def predict(inputs, weights, variant, preprocessing_json, batch_size, precision,
 @click.argument("inputs", nargs=-1, required=True)
 @_with_network_options
 @click.option("--class", "class_name", default="top", show_default=True, metavar="NAME|top",
-              help="The CIFAR-10 class to explain (airplane ... truck); top: each image's predicted class.")
+              help="The class to explain, one of the weights' (CIFAR-10: airplane ... truck); "
+                   "top: each image's predicted class.")
 @click.option("--method", type=click.Choice(EXPLAIN_METHODS), default="guided", show_default=True,
               help="guided: the paper's guided backpropagation; saliency: |gradient|; gradcam: Grad-CAM.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("explanations"),
@@ -369,7 +396,7 @@ def explain(inputs, weights, variant, preprocessing_json, device, class_name, me
       allcnn explain cat.jpg --method gradcam --class dog
     """
     from allcnn.explain import explain as run_explain, save_explanations
-    from allcnn.prediction import ImageError
+    from allcnn.images import ImageError
 
     explained, failed = [], False
     with user_errors():

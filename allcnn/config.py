@@ -18,6 +18,10 @@ else:  # pragma: no cover
 
 # The names every module checks against live here, so that config imports no other module of the package.
 VARIANTS = ("paper", "tutorial")
+# auto: an image folder (DIR/CLASS/IMAGE) when --data-dir holds class sub-folders, else CIFAR-10.
+DATASETS = ("auto", "cifar10", "cifar100", "folder")
+# `initial_weights` naming the weights allcnn ships (weights/manifest.json's default).
+SHIPPED = "shipped"
 PREPROCESSINGS = ("scale", "standardize", "zca")
 SCHEDULES = ("step", "cosine", "onecycle", "constant")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -41,6 +45,9 @@ class TrainConfig:
     """Everything that defines a training run; written to the run folder."""
 
     variant: str = "paper"
+    dataset: str = "auto"
+    # The network's input size: image folders are resized to it (CIFAR is 32x32).
+    image_size: int = 32
     epochs: int = 350
     batch_size: int = 128
     lr: float = 0.05
@@ -66,10 +73,21 @@ class TrainConfig:
     # less noisy than the weights of the last step while the lr is high.
     use_ema: bool = False
     ema_momentum: float = 0.999
-    # Weights to start from instead of random init (a warm restart, e.g. a second cosine
-    # cycle from a finished run's last.weights.h5); "" trains from scratch.
+    # Weights to start from instead of random init: a file, or "shipped" (our CIFAR-10
+    # weights); "" trains from scratch. Weights trained on the same classes load whole (a
+    # warm restart, e.g. a second cosine cycle from a run's last.weights.h5); on other
+    # classes every layer but the classifier (the last 1x1 conv) loads, the classifier starts random.
     initial_weights: str = ""
+    # Transfer learning: train only the classifier (the last 1x1 conv), the base frozen.
+    freeze_base: bool = False
+    # Transfer learning as the Keras guide does it, in one run: `head_epochs` epochs of the
+    # classifier alone (base frozen, lr `head_lr`, constant), then every layer unfrozen and
+    # recompiled for `epochs` more epochs at `lr` with `schedule`.
+    head_epochs: int = 0
+    head_lr: float = 0.01
     val_size: int = 5000
+    # A fraction of the training images to hold out instead of `val_size` (0: use val_size).
+    val_split: float = 0.0
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
@@ -82,6 +100,7 @@ class TrainConfig:
         """Checks values, naming the offending key."""
         choices = {
             "variant": VARIANTS,
+            "dataset": DATASETS,
             "schedule": SCHEDULES,
             "precision": PRECISIONS,
             "device": DEVICES,
@@ -98,17 +117,34 @@ class TrainConfig:
         for key in (f.name for f in fields(self) if f.type == "float"):  # nan passes every comparison below
             if not math.isfinite(getattr(self, key)):
                 raise ConfigError(f"{key}: must be a finite number, got {getattr(self, key)}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr: must be positive, got {self.lr}")
-        for key in ("weight_decay", "time_decay", "warmup_epochs", "translate"):
+        for key in ("lr", "head_lr"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
+        for key in ("weight_decay", "time_decay", "warmup_epochs", "translate", "head_epochs"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must not be negative, got {getattr(self, key)}")
-        for key in ("label_smoothing", "input_dropout", "dropout", "momentum", "ema_momentum"):
+        for key in ("label_smoothing", "input_dropout", "dropout", "momentum", "ema_momentum", "val_split"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be in [0, 1), got {getattr(self, key)}")
         if self.warmup_epochs >= self.epochs and self.schedule != "constant":
             raise ConfigError(f"warmup_epochs: {self.warmup_epochs} leaves no epoch after warm-up of {self.epochs}")
+        if self.image_size < 16:
+            raise ConfigError(f"image_size: must be at least 16, got {self.image_size}")
+        if self.preprocessing == "zca" and self.image_size != 32:
+            raise ConfigError(f"preprocessing: zca is fitted on 32x32 images only, not {self.image_size}x{self.image_size}")
+        if self.freeze_base and self.head_epochs:
+            raise ConfigError("freeze_base: the whole run trains the classifier alone; head_epochs (which then "
+                              "unfreezes the base) contradicts it: set one of them")
         return self
+
+    @property
+    def total_epochs(self) -> int:
+        """The epochs of the run: the classifier-only ones first, if any."""
+        return self.head_epochs + self.epochs
+
+    def val_count(self, images: int) -> int:
+        """How many of `images` training images are held out for validation."""
+        return round(self.val_split * images) if self.val_split else self.val_size
 
     def to_toml(self) -> str:
         """The resolved recipe as TOML (flat scalars and lists only)."""

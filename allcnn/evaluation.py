@@ -1,8 +1,9 @@
-"""`allcnn evaluate`: loss, top-1/top-5 and per-class accuracy on a CIFAR-10 split."""
+"""`allcnn evaluate`: loss, top-1/top-5 and per-class accuracy on a split of the weights' dataset."""
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -13,22 +14,20 @@ from allcnn.inference import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION, load_classif
 SPLITS = ("test", "val")
 
 
-def metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict:
+def metrics(probabilities: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]) -> dict:
     """Cross-entropy loss, top-1, top-5, per-class accuracy and the confusion matrix."""
-    from allcnn.data import CLASS_NAMES
-
     labels = np.asarray(labels, dtype=np.int64)
     picked = probabilities[np.arange(len(labels)), labels].astype(np.float64)
     top5 = np.argsort(-probabilities, axis=1)[:, :5]
     predicted = top5[:, 0]
-    classes = len(CLASS_NAMES)
+    classes = len(class_names)
     confusion = np.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
     per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
     return {
         "loss": float(-np.log(np.clip(picked, 1e-7, 1.0)).mean()),
         "top1": float((predicted == labels).mean()),
         "top5": float((top5 == labels[:, None]).any(axis=1).mean()),
-        "per_class": dict(zip(CLASS_NAMES, per_class.round(6).tolist())),
+        "per_class": dict(zip(class_names, per_class.round(6).tolist())),
         "confusion": confusion.tolist(),
     }
 
@@ -44,6 +43,7 @@ def evaluate(
     variant: str | None = None,
     preprocessing_json: str | os.PathLike | None = None,
     weights_dir: str | os.PathLike | None = None,
+    dataset: str = "auto",
     indices: slice | None = None,
     tta: str = "none",
     samples_plot: str | os.PathLike | None = None,
@@ -51,6 +51,9 @@ def evaluate(
 ) -> dict:
     """Evaluates weights on the test split or the run's held-out validation split.
 
+    `dataset` and `data_dir` as for `allcnn.data.load_dataset`: for an image
+    folder, `test` is every image in it, labelled by its class folder (the
+    weights' classes); `val` is the part a run trained on that folder held out.
     `val` rebuilds the validation images with the run's `val_size` and `seed`
     (from its config.toml or the manifest), so they are the ones training held out.
     `indices` evaluates a part of the split, e.g. `slice(0, 1000)`: of our copy of
@@ -64,11 +67,11 @@ def evaluate(
         raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     classifier = load_classifier(weights, variant=variant, preprocessing_json=preprocessing_json,
                                  precision=precision, device=device, weights_dir=weights_dir)
-    (x_train, y_train), (x, y) = data.load_cifar10(data_dir)
+    x_train, y_train, x, y = _split_source(classifier, dataset, data_dir)
     if split == "val":
-        if not classifier.spec.val_size:
-            raise ConfigError("this run held out no validation images (val_size = 0); use --split test")
-        _, (x, y) = data.train_val_split(x_train, y_train, classifier.spec.val_size, classifier.spec.seed)
+        spec = classifier.spec
+        held_out = round(spec.val_split * len(x_train)) if spec.val_split else spec.val_size
+        _, (x, y) = data.train_val_split(x_train, y_train, held_out, spec.seed)
     first, stop, _ = (indices or slice(None)).indices(len(x))
     x, y = x[first:stop], y[first:stop]
     if not len(x):
@@ -77,24 +80,46 @@ def evaluate(
     probabilities = classifier.probabilities(x, batch_size, tta)
     seconds = time.perf_counter() - start
     if samples_plot is not None:
-        plot_samples(x[:samples], y[:samples], probabilities[:samples], samples_plot,
+        plot_samples(x[:samples], y[:samples], probabilities[:samples], samples_plot, classifier.class_names,
                      title=f"{classifier.spec.path.name} on {split} {first}:{first + min(samples, len(x))}")
     return {"weights": str(classifier.spec.path), "variant": classifier.spec.variant, "split": split,
-            "indices": f"{first}:{stop}", "tta": tta, "images": len(x), **metrics(probabilities, y),
+            "indices": f"{first}:{stop}", "tta": tta, "images": len(x),
+            **metrics(probabilities, y, classifier.class_names),
             "seconds": round(seconds, 3),
             "images_per_second": round(len(x) / seconds, 1), "precision": classifier.precision,
             "device": classifier.device}
 
 
+def _split_source(classifier, dataset: str, data_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training and test images and labels of the dataset to evaluate on, in the weights' classes.
+
+    An image folder has no training part apart from itself: its images are both
+    (`val` holds out some of them as training did; `test` takes them all).
+    """
+    from allcnn import data
+
+    names = classifier.class_names
+    kind = data.resolve_dataset(dataset, data_dir)
+    if kind == "folder":
+        x, y, _, skipped = data.load_image_folder(data_dir, classifier.image_size, names)
+        for line in skipped:
+            print(f"warning: {line}", file=sys.stderr)
+        return x, y, x, y
+    loaded = data.load_dataset(kind, data_dir)
+    if loaded.class_names != names:
+        raise data.DatasetError(f"{classifier.spec.path} classifies {len(names)} classes, not {kind}'s "
+                                f"{len(loaded.class_names)}; pass --data-dir with the data it was trained on")
+    return (*loaded.train, *loaded.test)
+
+
 def plot_samples(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, path: str | os.PathLike,
-                 title: str = "") -> None:
+                 class_names: tuple[str, ...], title: str = "") -> None:
     """A grid of images captioned with the predicted class, its probability and the true
     class; the misclassified ones in red, and their count in the title."""
-    from allcnn.data import CLASS_NAMES
     from allcnn.plots import plot_labelled_images
 
     predicted = probabilities.argmax(axis=1)
-    captions = [f"{CLASS_NAMES[p]} {probabilities[i, p]:.0%}\ntrue: {CLASS_NAMES[t]}"
+    captions = [f"{class_names[p]} {probabilities[i, p]:.0%}\ntrue: {class_names[t]}"
                 for i, (p, t) in enumerate(zip(predicted, labels))]
     wrong = predicted != labels
     plot_labelled_images(images, captions, path, colors=["red" if w else "black" for w in wrong],

@@ -35,7 +35,7 @@ import numpy as np
 from allcnn.config import EXPLAIN_METHODS as METHODS, ConfigError
 from allcnn.errors import AllcnnError
 from allcnn.inference import Classifier, load_classifier
-from allcnn.prediction import ImageError, load_batches
+from allcnn.images import ImageError, load_batches
 
 TOP = "top"
 # A guided gradient is drawn with this percentile of |gradient| at full scale, so that a few
@@ -192,28 +192,28 @@ class Explanation:
     map: np.ndarray
 
 
-def _check_choices(method: str, class_name: str) -> None:
-    from allcnn.data import CLASS_NAMES
-
+def _check_method(method: str) -> None:
     if method not in METHODS:
         raise ConfigError(f"method {method!r} is not one of {', '.join(METHODS)}")
-    if class_name != TOP and class_name not in CLASS_NAMES:
-        raise ConfigError(f"class {class_name!r} is not {TOP} nor one of {', '.join(CLASS_NAMES)}")
+
+
+def _check_class(class_name: str, names: tuple[str, ...]) -> None:
+    if class_name != TOP and class_name not in names:
+        raise ConfigError(f"class {class_name!r} is not {TOP} nor one of {', '.join(names)}")
 
 
 def explain_arrays(classifier: Classifier, images: np.ndarray, *, method: str = "guided",
                    class_name: str = TOP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Maps for uint8 images (N, 32, 32, 3): `(maps, explained class indices, probabilities)`.
 
-    `class_name` is a CIFAR-10 class, or `"top"` for each image's predicted class.
+    `class_name` is one of the classifier's classes, or `"top"` for each image's predicted class.
     `probabilities` are the softmax outputs (N, classes) of the classifier.
     """
-    from allcnn.data import CLASS_NAMES
-
-    _check_choices(method, class_name)
+    _check_method(method)
+    _check_class(class_name, classifier.class_names)
     probabilities = classifier.probabilities(images)
     classes = (probabilities.argmax(axis=1) if class_name == TOP
-               else np.full(len(images), CLASS_NAMES.index(class_name)))
+               else np.full(len(images), classifier.class_names.index(class_name)))
     maps = _MAPS[method](classifier.model, classifier.preprocessing(images), classes)
     return maps.astype(np.float32), classes, probabilities
 
@@ -235,12 +235,12 @@ def explain(
     Inputs are files, folders or globs as for `predict`. The model is built in
     float32 whatever the hardware: gradients in bf16 would be too coarse.
     """
-    from allcnn.data import CLASS_NAMES
-
-    _check_choices(method, class_name)  # before any image, so a bad flag is reported even if none loads
+    _check_method(method)
     classifier = load_classifier(weights, variant=variant, preprocessing_json=preprocessing_json,
                                  precision="float32", device=device, weights_dir=weights_dir)
-    for batch in load_batches(inputs, batch_size):
+    names = classifier.class_names
+    _check_class(class_name, names)  # before any image, so a bad flag is reported even if none loads
+    for batch in load_batches(inputs, batch_size, classifier.image_size):
         good = [(path, image) for path, image in batch if not isinstance(image, ImageError)]
         results = {}
         if good:
@@ -248,7 +248,7 @@ def explain(
             maps, classes, probabilities = explain_arrays(classifier, pixels, method=method, class_name=class_name)
             for (path, image), m, c, p in zip(good, maps, classes, probabilities):
                 top = int(p.argmax())
-                results[path] = Explanation(str(path), image, method, CLASS_NAMES[c], CLASS_NAMES[top],
+                results[path] = Explanation(str(path), image, method, names[c], names[top],
                                             float(p[top]), m)
         for path, image in batch:
             yield image if isinstance(image, ImageError) else results[path]

@@ -235,7 +235,6 @@ def export(
         ConfigError: an unknown format, a wrong suffix, or `out` existing without `overwrite`.
         ExportError: a missing package, or an export that does not match Keras.
     """
-    from allcnn.data import CLASS_NAMES
     from allcnn.files import atomic_write, atomic_write_directory, atomic_write_text
     from allcnn.manifest import sha256
 
@@ -262,10 +261,10 @@ def export(
         "format": format,
         "file": out.name,
         "sha256": sha256(out) if out.is_file() else None,  # a SavedModel is a folder
-        "classes": list(CLASS_NAMES),
+        "classes": list(classifier.class_names),
         "input": {"shape": [None, *classifier.model.input_shape[1:]], "dtype": "float32",
                   "range": [0, 255], "layout": "NHWC", "channels": "RGB"},
-        "output": {"shape": [None, len(CLASS_NAMES)], "dtype": "float32", "values": "softmax probabilities"},
+        "output": {"shape": [None, len(classifier.class_names)], "dtype": "float32", "values": "softmax probabilities"},
         "preprocessing": {**classifier.preprocessing.to_dict(), "in_graph": True},
         "source_weights": {"path": str(classifier.spec.path), "sha256": sha256(classifier.spec.path),
                            "variant": classifier.spec.variant},

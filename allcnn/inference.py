@@ -61,7 +61,7 @@ def compile_forward(model) -> Callable[[np.ndarray], np.ndarray]:
 
 
 class Classifier:
-    """A model ready for inference on uint8 images (N, 32, 32, 3).
+    """A model ready for inference on uint8 images (N, S, S, 3), S = `image_size` (CIFAR's 32).
 
     Args:
         model: a built Keras model ending in softmax.
@@ -76,6 +76,17 @@ class Classifier:
         self.model, self.preprocessing, self.spec = model, preprocessing, spec
         self.precision, self.device = precision, device
         self._forward = compile_forward(model)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The names of the model's outputs, in order (CIFAR-10's for weights that record none)."""
+        from allcnn.data import CLASS_NAMES
+
+        return self.spec.class_names if self.spec else CLASS_NAMES
+
+    @property
+    def image_size(self) -> int:
+        return self.model.input_shape[1]
 
     def probabilities(self, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, tta: str = "none") -> np.ndarray:
         """float32 (N, classes): preprocessing and forward pass, batch by batch (see `TTA_MODES`)."""

@@ -32,6 +32,7 @@ The shipped default weights are described by `weights/manifest.json`::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from allcnn.data import CLASS_NAMES
 from allcnn.preprocessing import Preprocessing
 from allcnn.run_folder import RunFolder
 from allcnn.weights_io import KERAS_MODEL, LEGACY_H5, WeightsError, weights_format
@@ -52,8 +54,9 @@ _PASS_WEIGHTS = "pass --weights PATH (a run's best.weights.h5, a .keras model or
 class WeightsSpec:
     """A weights file and everything needed to use it.
 
-    `architecture` holds extra `build_model` arguments (`batch_norm`);
-    `val_size`/`seed` rebuild the run's validation split.
+    `architecture` holds extra `build_model` arguments (`batch_norm`, `classes`,
+    `input_shape`); `val_size`/`val_split`/`seed` rebuild the run's validation
+    split; `class_names` are the classifier's outputs, in order.
     """
 
     path: Path
@@ -63,6 +66,13 @@ class WeightsSpec:
     architecture: dict = field(default_factory=dict)
     val_size: int = 5000
     seed: int = 0
+    class_names: tuple[str, ...] = CLASS_NAMES
+    val_split: float = 0.0
+
+    @property
+    def image_size(self) -> int:
+        """The network's input size (CIFAR's 32 unless trained otherwise)."""
+        return self.architecture.get("input_shape", (32,))[0]
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -122,10 +132,11 @@ def _verified(directory: Path, entry: dict) -> Path:
 def _from_manifest(directory: Path) -> WeightsSpec:
     entry = manifest_entry(directory=directory)
     path = _verified(directory, entry)
+    names = tuple(entry.get("classes", CLASS_NAMES))
     return WeightsSpec(path, weights_format(path), entry["variant"],
                        Preprocessing.from_dict(entry["preprocessing"], directory),
-                       {"batch_norm": bool(entry.get("batch_norm", False))},
-                       int(entry.get("val_size", 5000)), int(entry.get("seed", 0)))
+                       {"batch_norm": bool(entry.get("batch_norm", False)), "classes": len(names)},
+                       int(entry.get("val_size", 5000)), int(entry.get("seed", 0)), names)
 
 
 def _keras_archive_architecture(path: Path) -> tuple[str | None, dict]:
@@ -145,8 +156,11 @@ def _from_file(path: Path, variant: str | None, preprocessing_json: Path | None)
     found_variant, architecture, split = None, {}, {}
     if run.has_run():
         config = run.read_config()
-        found_variant, architecture = config.variant, {"batch_norm": config.batch_norm}
-        split = {"val_size": config.val_size, "seed": config.seed}
+        names = run.read_class_names() or CLASS_NAMES
+        found_variant = config.variant
+        architecture = {"batch_norm": config.batch_norm, "classes": len(names),
+                        "input_shape": (config.image_size, config.image_size, 3)}
+        split = {"val_size": config.val_size, "val_split": config.val_split, "seed": config.seed, "class_names": names}
     prep = run.read_preprocessing()
     if kind == LEGACY_H5:
         found_variant, prep = found_variant or "tutorial", prep or Preprocessing("scale")
@@ -183,8 +197,7 @@ def resolve_weights(
         spec = _from_manifest(Path(weights_dir or default_weights_dir()))
         if variant or preprocessing_json:
             prep = Preprocessing.load(preprocessing_json) if preprocessing_json else spec.preprocessing
-            spec = WeightsSpec(spec.path, spec.format, variant or spec.variant, prep, spec.architecture,
-                               spec.val_size, spec.seed)
+            spec = dataclasses.replace(spec, variant=variant or spec.variant, preprocessing=prep)
         return spec
     path = Path(weights).expanduser()
     if not path.is_file():

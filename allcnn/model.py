@@ -42,6 +42,9 @@ _CONVS = {
     ],
 }
 _DEFAULT_INPUT_DROPOUT = {"paper": 0.2, "tutorial": 0.0}
+# The classifier: the last 1x1 conv, the one layer whose shape depends on the classes.
+# Transfer learning replaces it (and its batch norm, if any) and keeps the base before it.
+HEAD = f"conv{len(_CONVS['paper'])}"
 
 
 def _offset(seed: int | None, index: int) -> int | None:
@@ -117,3 +120,16 @@ def build_model(
     model.add(layers.GlobalAveragePooling2D(name="global_average_pooling"))
     model.add(layers.Activation("softmax", dtype="float32", name="predictions"))
     return model
+
+
+def base_layers(model: keras.Model) -> list:
+    """The layers before the classifier (`HEAD`): the features that transfer to other classes."""
+    names = [layer.name for layer in model.layers]
+    return model.layers[: names.index(HEAD)]
+
+
+def freeze_base(model: keras.Model) -> None:
+    """Makes the base untrainable, so that training fits the classifier alone (feature
+    extraction); batch norm layers in it then also run in inference mode, as Keras does."""
+    for layer in base_layers(model):
+        layer.trainable = False

@@ -65,6 +65,7 @@ class RunFolder:
     last_weights = property(lambda self: self.path / "last.weights.h5", doc="The latest epoch's.")
     preprocessing_path = property(lambda self: self.path / "preprocessing.json", doc="What evaluate replays.")
     curves_path = property(lambda self: self.path / "curves.png", doc="Loss, accuracy and lr per epoch.")
+    classes_path = property(lambda self: self.path / "classes.json", doc="The class names, in label order.")
     summary_path = property(lambda self: self.path / "summary.json", doc="Totals of all sessions.")
     distribution_path = property(lambda self: self.path / "distribution.json", doc="Replicas and global batch.")
     logs_dir = property(lambda self: self.path / "logs", doc="TensorBoard's.")
@@ -80,8 +81,8 @@ class RunFolder:
         """The run's config, on `device` if given (a run may move, e.g. from a GPU to a CPU)."""
         return load_config(self.config_path, device=device)
 
-    def create(self, config: TrainConfig, layout: dict, overwrite: bool) -> None:
-        """Makes the folder of a new run, or replaces one with `overwrite`; writes its config.
+    def create(self, config: TrainConfig, layout: dict, overwrite: bool, class_names: tuple[str, ...]) -> None:
+        """Makes the folder of a new run, or replaces one with `overwrite`; writes its config and class names.
 
         `layout` is how this session runs (mode, replicas, global batch, lr): it goes
         to distribution.json and, as a comment, to config.toml.
@@ -99,6 +100,17 @@ class RunFolder:
                 f"lr {layout['lr']:g} ({config.lr_scaling} lr scaling)\n")
         atomic_write_text(self.config_path, config.to_toml() + note)
         atomic_write_text(self.distribution_path, json.dumps(layout, indent=2))
+        atomic_write_text(self.classes_path, json.dumps({"class_names": list(class_names)}, indent=2))
+
+    def read_class_names(self) -> tuple[str, ...] | None:
+        """The class names the run trains on; None for a run made before they were recorded (CIFAR-10)."""
+        if not self.classes_path.exists():
+            return None
+        names = read_run_json(self.classes_path, "class_names")["class_names"]
+        if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
+            raise RunError(f"{self.classes_path}: class_names must be a list of at least two names; the run folder "
+                           "is damaged")
+        return tuple(names)
 
     def check_replicas(self, layout: dict) -> None:
         """A run resumes only on as many replicas as it started with, so that it follows the same global batches."""

@@ -9,9 +9,11 @@ compilation and the training loop.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,10 +22,10 @@ from keras import ops
 
 from allcnn import data, distribute, hardware
 from allcnn.callbacks import EpochStats, NanStop, RunBackup, SwapEMAWeights, writer_callbacks
-from allcnn.config import ConfigError, TrainConfig, load_config
+from allcnn.config import SHIPPED, ConfigError, TrainConfig, load_config
 from allcnn.distribute import Replicas, WorkerLost, is_worker_loss
 from allcnn.inference import dtype_policy
-from allcnn.model import build_model
+from allcnn.model import build_model, freeze_base
 from allcnn.pipeline import CifarBatches, EpochSeeder
 from allcnn.preprocessing import fit_preprocessing
 from allcnn.run_folder import RunError, RunFolder, best_val_accuracy
@@ -99,13 +101,16 @@ class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
                 "time_decay": self.time_decay}
 
 
-def train(config: TrainConfig, out, *, data_dir=None, overwrite: bool = False, test: bool = False) -> dict:
+def train(config: TrainConfig, out, *, data_dir=None, test_dir=None, overwrite: bool = False,
+          test: bool = False) -> dict:
     """Trains a new run of `config` in the folder `out`; returns its summary.
 
     Args:
         config: the recipe (see `allcnn.config.load_config`).
         out: the run folder; one that holds a run is refused unless `overwrite`.
-        data_dir: CIFAR-10 (see `allcnn.data.load_cifar10`).
+        data_dir: CIFAR-10, CIFAR-100 or an image folder, as `config.dataset` says
+            (see `allcnn.data.load_dataset`).
+        test_dir: an image folder's test split (the same class folders).
         test: evaluate the best weights on the test set at the end.
 
     Under data parallelism every process calls this with the same arguments;
@@ -116,18 +121,19 @@ def train(config: TrainConfig, out, *, data_dir=None, overwrite: bool = False, t
     """
     run = RunFolder(out)
     check_initial_weights(run, config, overwrite)
-    return _fit(run, config, data_dir, test, prepare=lambda layout: run.create(config, layout, overwrite))
+    return _fit(run, config, data_dir, test_dir, test,
+                prepare=lambda layout, names: run.create(config, layout, overwrite, names))
 
 
-def resume(out, *, data_dir=None, test: bool = False, device: str | None = None, recipe: str | None = None,
-           **flags) -> dict:
+def resume(out, *, data_dir=None, test_dir=None, test: bool = False, device: str | None = None,
+           recipe: str | None = None, **flags) -> dict:
     """Continues the run in the folder `out` from its last completed epoch; returns its summary.
 
     The run goes on with its own config.toml. `flags` (recipe keys, e.g. `lr=0.01`)
     and `recipe` (a recipe name or path) are what the caller believes the run
     is: accepted where they agree with it, so the command that started a run
     also resumes it, and refused by name where they differ. `device` moves the
-    run (e.g. from a GPU to a CPU); `data_dir` and `test` as for `train`.
+    run (e.g. from a GPU to a CPU); `data_dir`, `test_dir` and `test` as for `train`.
 
     Raises:
         AllcnnError: as `train`; config.ConfigError for a flag that differs from the run's.
@@ -137,7 +143,14 @@ def resume(out, *, data_dir=None, test: bool = False, device: str | None = None,
         raise RunError(f"--resume: no run in {run} (no config.toml); start one without --resume")
     config = run.read_config(device)
     check_resume_flags(run, config, recipe, flags)
-    return _fit(run, config, data_dir, test, prepare=run.check_replicas)
+
+    def prepare(layout: dict, names: tuple[str, ...]) -> None:
+        run.check_replicas(layout)
+        trained = run.read_class_names() or data.CLASS_NAMES
+        if names != trained:
+            raise RunError(f"{run} trains on the classes {', '.join(trained)}; this data has {', '.join(names)}")
+
+    return _fit(run, config, data_dir, test_dir, test, prepare=prepare)
 
 
 def check_resume_flags(run: RunFolder, config: TrainConfig, recipe: str | None, flags: dict) -> None:
@@ -157,7 +170,7 @@ def check_resume_flags(run: RunFolder, config: TrainConfig, recipe: str | None, 
 def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) -> None:
     """Before the run folder is made or replaced: the starting weights exist and
     survive --overwrite (one inside the folder would be deleted with it)."""
-    if not config.initial_weights:
+    if config.initial_weights in ("", SHIPPED):  # the shipped weights are checked when they load
         return
     path = Path(config.initial_weights).resolve()
     if not path.is_file():
@@ -174,11 +187,17 @@ def run_layout(config: TrainConfig, replicas: Replicas) -> dict:
             "lr": config.lr * scale}
 
 
-def load_splits(config: TrainConfig, data_dir) -> tuple[tuple, tuple, tuple]:
-    """Train, validation and test splits of CIFAR-10 (uint8 images, int labels)."""
-    (x, y), test = data.load_cifar10(data_dir)
-    train, val = data.train_val_split(x, y, config.val_size, config.seed)
-    return train, val, test
+def load_splits(config: TrainConfig, data_dir, test_dir=None) -> tuple[data.Dataset, tuple, tuple]:
+    """The dataset, and its training images split into train and validation (uint8 images, int labels)."""
+    dataset = data.load_dataset(config.dataset, data_dir, test_dir=test_dir, image_size=config.image_size)
+    for line in dataset.skipped:
+        print(f"warning: {line}", file=sys.stderr)
+    (x, y), held_out = dataset.train, config.val_count(len(dataset.train[0]))
+    if not 1 <= held_out < len(x):
+        raise data.DatasetError(f"{held_out} validation images of {len(x)}: hold out at least one and leave some "
+                                "to train on (--val-size N or --val-split FRACTION)")
+    train, val = data.train_val_split(x, y, held_out, config.seed)
+    return dataset, train, val
 
 
 def _configure(config: TrainConfig):
@@ -195,10 +214,14 @@ def _configure(config: TrainConfig):
     return gpu, policy
 
 
-def compile_model(config: TrainConfig, steps_per_epoch: int, lr: float | None = None) -> keras.Model:
-    """The model with its optimizer; `lr` overrides the config's (scaled for data parallelism)."""
+def compile_model(config: TrainConfig, steps_per_epoch: int, lr: float | None = None,
+                  classes: int = len(data.CLASS_NAMES)) -> keras.Model:
+    """The model with its optimizer; `lr` overrides the config's (scaled for data parallelism).
+    With `freeze_base`, the optimizer sees the classifier's weights alone."""
     model = build_model(
         config.variant,
+        classes=classes,
+        input_shape=(config.image_size, config.image_size, 3),
         input_dropout=config.input_dropout,
         dropout=config.dropout,
         weight_decay=config.weight_decay,
@@ -206,6 +229,8 @@ def compile_model(config: TrainConfig, steps_per_epoch: int, lr: float | None = 
         batch_norm=config.batch_norm,
         seed=config.seed,
     )
+    if config.freeze_base:
+        freeze_base(model)
     schedule = LearningRate(config.lr if lr is None else lr, steps_per_epoch, config.epochs, config.schedule,
                             config.warmup_epochs, config.milestones, config.lr_decay_factor, config.time_decay)
     optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=config.nesterov,
@@ -218,83 +243,150 @@ def compile_model(config: TrainConfig, steps_per_epoch: int, lr: float | None = 
     return model
 
 
-def load_initial_weights(model: keras.Model, path: Path) -> None:
-    """Starts a run from earlier weights; a resumed run restores its own instead."""
+def load_initial_weights(model: keras.Model, source: str, class_names: tuple[str, ...]) -> None:
+    """Starts a run from earlier weights (a file, or `SHIPPED`); a resumed run restores its own instead.
+
+    Weights trained on `class_names` load whole (a warm restart); weights trained
+    on other classes load into every layer but the classifier, which keeps its
+    random init (transfer learning).
+    """
+    from allcnn.manifest import resolve_weights
     from allcnn.weights_io import WeightsError, load_weights
 
     try:
-        load_weights(model, path)
+        if source == SHIPPED:
+            spec = resolve_weights()  # sha256-checked
+            path, trained_on = spec.path, spec.class_names
+        else:
+            path = Path(source)
+            trained_on = RunFolder(path.parent).read_class_names() or data.CLASS_NAMES
+        whole = tuple(trained_on) == tuple(class_names)
+        load_weights(model, path, base_only=not whole)
     except WeightsError as e:
         raise RunError(f"initial_weights: {e}") from None
+    print(f"initial weights: {path}: " + ("every layer" if whole else
+          f"every layer but the classifier, new for {len(class_names)} classes (trained on {len(trained_on)} others)"))
 
 
-def _fit(run: RunFolder, config: TrainConfig, data_dir, test: bool, prepare: Callable[[dict], None]) -> dict:
+@dataclass(frozen=True)
+class Phase:
+    """Epochs `first` .. `first + config.epochs - 1` of a run, compiled as `config` says."""
+
+    first: int
+    config: TrainConfig
+
+    @property
+    def end(self) -> int:
+        return self.first + self.config.epochs
+
+
+def phases(config: TrainConfig) -> list[Phase]:
+    """The run's phases: one, or with `head_epochs` two, as in Keras' transfer-learning guide:
+    the classifier alone (base frozen, constant `head_lr`), then every layer, recompiled."""
+    if not config.head_epochs:
+        return [Phase(0, config)]
+    head = dataclasses.replace(config, epochs=config.head_epochs, lr=config.head_lr, schedule="constant",
+                               warmup_epochs=0, freeze_base=True, head_epochs=0)
+    return [Phase(0, head), Phase(config.head_epochs, dataclasses.replace(config, head_epochs=0))]
+
+
+def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
+         prepare: Callable[[dict, tuple], None]) -> dict:
     """The training loop of `train` and `resume`, from the run's restored epoch on.
 
-    `prepare(layout)` readies the run folder on process 0 (creates it, or checks
-    that a resumed run keeps its replicas) once the data has loaded.
+    `prepare(layout, class_names)` readies the run folder on process 0 (creates
+    it, or checks that a resumed run keeps its replicas and classes) once the
+    data has loaded. Each phase (see `phases`) compiles its own model; the next
+    one starts from the weights the previous one ended with.
     """
     gpu, policy = _configure(config)
     replicas = distribute.setup(config.distribute, gpu is not None)
     layout = run_layout(config, replicas)
     print(f"distribute: {replicas.describe()}; global batch {layout['global_batch_size']}, lr {layout['lr']:g}")
     # The data first: a wrong --data-dir must not leave a run folder behind.
-    train_split, val_split, test_split = load_splits(config, data_dir)
+    dataset, train_split, val_split = load_splits(config, data_dir, test_dir)
+    if test and dataset.test is None:
+        raise ConfigError("--test: this image folder has no test split; pass --test-dir DIR (same class folders)")
+    names = dataset.class_names
     if replicas.is_chief:
-        prepare(layout)
-    train_batches, val_batches = make_batches(config, run, train_split, val_split, replicas, layout)
-    # Layers take the policy when built; set around the build only, so that the
-    # process (a notebook, the next run) keeps its own global policy.
-    with replicas.scope(), dtype_policy(policy):
-        model = compile_model(config, len(train_batches), layout["lr"])
-
+        prepare(layout, names)
+    train_batches, val_batches = make_batches(config, run, train_split, val_split, replicas, layout, len(names))
     start_epoch = run.restored_epoch()
-    if start_epoch == 0 and config.initial_weights:
-        load_initial_weights(model, Path(config.initial_weights))
+    started, model = time.perf_counter(), None
+    for phase in phases(config):
+        if phase.end <= start_epoch:
+            continue
+        previous = model
+        # Layers take the policy when built; set around the build only, so that the
+        # process (a notebook, the next run) keeps its own global policy.
+        with replicas.scope(), dtype_policy(policy):
+            model = compile_model(phase.config, len(train_batches), run_layout(phase.config, replicas)["lr"],
+                                  len(names))
+        restored = start_epoch > phase.first  # the backup holds this phase's optimizer state too
+        if previous is not None:
+            model.set_weights(previous.get_weights())
+        elif phase.first and not restored:  # resumed where the phase begins: the previous one's weights
+            from allcnn.weights_io import load_weights
+
+            load_weights(model, run.backup_weights())
+        elif not restored and config.initial_weights:
+            load_initial_weights(model, config.initial_weights, names)
+        if phase.config.freeze_base:
+            print(f"epochs {phase.first + 1} to {phase.end} of {config.total_epochs}: the classifier alone, the base frozen")
+        _fit_phase(model, run, phase, max(start_epoch, phase.first), restored, train_batches, val_batches,
+                   replicas)
+    elapsed = time.perf_counter() - started
+    if not replicas.is_chief:
+        return {"process_id": replicas.process_id, "epochs": config.total_epochs}
+
+    history = run.trim_history(run.restored_epoch())
+    summary = write_summary(run, config, history, policy, gpu, len(train_split[0]), start_epoch, elapsed)
+    summary.update(dataset=dataset.name, classes=len(names), skipped_files=len(dataset.skipped))
+    if test:
+        with distribute.outside_distribution():  # evaluate here alone, not across processes
+            summary["test_accuracy"] = evaluate_test(run, dataset.test)
+    run.write_summary(summary)
+    return summary
+
+
+def _fit_phase(model: keras.Model, run: RunFolder, phase: Phase, start_epoch: int, restored: bool,
+               train_batches: CifarBatches, val_batches: CifarBatches, replicas: Replicas) -> None:
+    """`model.fit` for one phase's epochs from `start_epoch`; `restored`: the backup restores
+    the weights and optimizer state (a run resumed inside the phase)."""
+    config = phase.config
     nan_stop = NanStop()
     callbacks = [EpochSeeder(train_batches, config.seed), EpochStats(), nan_stop]
     if config.use_ema:  # before the writers, so that they see the averaged weights
-        callbacks.append(SwapEMAWeights(resumed=start_epoch > 0))
-    callbacks += writer_callbacks(run, start_epoch) if replicas.is_chief else [RunBackup(run, write=False)]
-    started = time.perf_counter()
+        callbacks.append(SwapEMAWeights(resumed=restored))
+    callbacks += (writer_callbacks(run, start_epoch, restore=restored) if replicas.is_chief
+                  else [RunBackup(run, write=False, restore=restored)])
     try:
         # shuffle=False: CifarBatches shuffles itself, keyed by (seed, epoch); Keras would
         # reorder batches with Python's global random state, which no resume restores.
-        model.fit(train_batches, validation_data=val_batches, epochs=config.epochs, initial_epoch=start_epoch,
+        model.fit(train_batches, validation_data=val_batches, epochs=phase.end, initial_epoch=start_epoch,
                   callbacks=callbacks, shuffle=False,
                   verbose=(1 if sys.stdout.isatty() else 2) if replicas.is_chief else 0)
     except Exception as e:
         if nan_stop.fired:
             last = run.last_weights
             kept = f"the last completed epoch's weights are in {last}" if last.exists() else "no epoch completed"
-            raise RunError(f"the loss became NaN; the learning rate ({layout['lr']}) is probably too high: try a "
+            raise RunError(f"the loss became NaN; the learning rate ({config.lr}) is probably too high: try a "
                            f"smaller --lr or more --warmup-epochs ({kept})") from None
         if replicas.processes > 1 and is_worker_loss(e):
             raise WorkerLost(f"process {replicas.process_id}: another process of the run stopped "
                              f"({str(e).splitlines()[0]}); restart every process with --resume") from None
         raise
-    elapsed = time.perf_counter() - started
-    if not replicas.is_chief:
-        return {"process_id": replicas.process_id, "epochs": config.epochs}
-
-    history = run.trim_history(run.restored_epoch())
-    summary = write_summary(run, config, history, policy, gpu, len(train_split[0]), start_epoch, elapsed)
-    if test:
-        with distribute.outside_distribution():  # evaluate here alone, not across processes
-            summary["test_accuracy"] = evaluate_test(run, test_split)
-        run.write_summary(summary)
-    return summary
 
 
 def make_batches(config: TrainConfig, run: RunFolder, train_split: tuple, val_split: tuple, replicas: Replicas,
-                 layout: dict) -> tuple[CifarBatches, CifarBatches]:
+                 layout: dict, classes: int) -> tuple[CifarBatches, CifarBatches]:
     """This process's training and validation batches, preprocessed as in the run folder."""
     prep = run.read_preprocessing()
     if prep is None:
         prep = fit_preprocessing(config.preprocessing, train_split[0])
         if replicas.is_chief:
             run.write_preprocessing(prep)
-    one_hot = lambda y: keras.utils.to_categorical(y, len(data.CLASS_NAMES))  # noqa: E731
+    one_hot = lambda y: keras.utils.to_categorical(y, classes)  # noqa: E731
     # JAX splits every batch evenly over the devices: drop a ragged last training
     # batch, and validate in batches that divide over the replicas.
     even = replicas.mode == "data-parallel"
@@ -325,7 +417,7 @@ def write_summary(run: RunFolder, config: TrainConfig, history: list[dict], poli
     seconds = sum(float(row["epoch_seconds"]) for row in history)
     summary = {
         "epochs": len(history),
-        "planned_epochs": config.epochs,
+        "planned_epochs": config.total_epochs,
         "train_seconds": round(seconds, 1),
         "images_per_second": round(n_train * new_epochs / elapsed, 1) if new_epochs else None,
         "precision": policy,
@@ -340,8 +432,7 @@ def write_summary(run: RunFolder, config: TrainConfig, history: list[dict], poli
 
 def evaluate_test(run: RunFolder, test_split: tuple) -> float:
     """Top-1 accuracy of `best.weights.h5` on the test split (only when asked)."""
-    from allcnn.evaluation import metrics
     from allcnn.inference import load_classifier
 
     x, y = test_split
-    return metrics(load_classifier(run.best_weights).probabilities(x), y)["top1"]
+    return float((load_classifier(run.best_weights).probabilities(x).argmax(axis=1) == y).mean())

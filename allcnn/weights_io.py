@@ -130,12 +130,17 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
 
 
-def _assign(model, saved: list[tuple[str, list[np.ndarray]]], path: Path) -> None:
-    """Copies weights layer by layer, checking counts and shapes first."""
+def _assign(model, saved: list[tuple[str, list[np.ndarray]]], path: Path, base_only: bool) -> None:
+    """Copies weights layer by layer, checking counts and shapes first; `base_only`: all but the classifier's."""
     layers = [layer for layer in model.layers if layer.weights]
     if len(saved) != len(layers):
         raise WeightsError(f"{path}: holds {len(saved)} layers with weights, model {model.name} has {len(layers)} "
                            "(another architecture?)")
+    if base_only:
+        from allcnn.model import base_layers
+
+        kept = sum(1 for layer in base_layers(model) if layer.weights)
+        layers, saved = layers[:kept], saved[:kept]
     for layer, (saved_name, arrays) in zip(layers, saved):
         expected = [tuple(w.shape) for w in layer.weights]
         found = [tuple(a.shape) for a in arrays]
@@ -147,8 +152,12 @@ def _assign(model, saved: list[tuple[str, list[np.ndarray]]], path: Path) -> Non
         layer.set_weights(arrays)
 
 
-def load_weights(model, path: str | os.PathLike) -> None:
+def load_weights(model, path: str | os.PathLike, *, base_only: bool = False) -> None:
     """Loads a Keras 3, `.keras` or Keras 2 HDF5 weights file into `model`.
+
+    `base_only` loads every layer but the classifier (`allcnn.model.HEAD`), which
+    keeps its initial weights: how weights trained on other classes start a
+    network with a new classifier (transfer learning).
 
     Raises:
         WeightsError: unreadable file, or weights that do not fit `model`,
@@ -163,4 +172,4 @@ def load_weights(model, path: str | os.PathLike) -> None:
     else:
         with _open_hdf5(path) as f:
             saved = _read_keras3(f, model, path) if kind == KERAS3 else _read_legacy(f)
-    _assign(model, saved, path)
+    _assign(model, saved, path, base_only)

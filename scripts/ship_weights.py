@@ -21,7 +21,7 @@ from pathlib import Path
 
 from allcnn import hardware
 from allcnn.config import TrainConfig, load_config
-from allcnn.data import DataError, load_cifar10
+from allcnn.data import CLASS_NAMES, DataError, load_cifar10
 from allcnn.evaluation import metrics
 from allcnn.files import atomic_write, atomic_write_text
 from allcnn.inference import load_classifier
@@ -32,6 +32,8 @@ from allcnn.manifest import manifest_entry, write_manifest_entry
 from allcnn.weights_io import WeightsError
 
 NAME = "allcnn-c"
+# The recipes scripts/train_release.sh trains, each one schedule from a random init.
+ONE_SCHEDULE_RECIPES = ("configs/release-v3.toml", "configs/release-v2.toml")
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
@@ -155,7 +157,8 @@ def ship(last_stage: Path, data_dir: str) -> dict:
     best = max(history, key=lambda row: float(row["val_accuracy"]))
     check_beats_shipped(float(best["val_accuracy"]), configs[-1])
     summary = run_summary(shipped)
-    command = ("scripts/train_release.sh DATA_DIR RUN_DIR" if recipes == ["configs/release-v2.toml"] else
+    one_schedule = len(recipes) == 1 and recipes[0] in ONE_SCHEDULE_RECIPES
+    command = (f"scripts/train_release.sh DATA_DIR RUN_DIR {Path(recipes[0]).stem}" if one_schedule else
                "allcnn train --config RECIPE, each stage with --initial-weights PREVIOUS_STAGE/last.weights.h5")
     produced = {"recipe": recipes if len(recipes) > 1 else recipes[0],
                 "command": command,
@@ -174,8 +177,8 @@ def ship(last_stage: Path, data_dir: str) -> dict:
         classifier = load_classifier(pending, variant=configs[-1].variant,
                                      preprocessing_json=RunFolder(shipped).preprocessing_path, precision="float32")
         probabilities = classifier.probabilities(x_test)
-    full = metrics(probabilities, y_test)
-    exact = metrics(probabilities[:1000], y_test[:1000])
+    full = metrics(probabilities, y_test, CLASS_NAMES)
+    exact = metrics(probabilities[:1000], y_test[:1000], CLASS_NAMES)
     accuracy = {"test_top1": full["top1"], "test_top5": full["top5"], "test_loss": full["loss"],
                 "test_0_999_top1": exact["top1"], "val_top1": float(best["val_accuracy"]),
                 "measured_with": "allcnn evaluate's code (Classifier + metrics), float32, ../shared/data test_batch"}

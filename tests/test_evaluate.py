@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from allcnn.cli import main
+from allcnn.data import CLASS_NAMES
 from conftest import SHARED_DATA
 from tests.helpers_weights import make_run
 
@@ -22,7 +23,7 @@ def test_metrics_on_known_probabilities():
     from allcnn.evaluation import metrics
 
     probabilities = np.eye(10, dtype=np.float32)[[0, 1, 2, 2]]
-    result = metrics(probabilities, np.array([0, 1, 2, 3]))
+    result = metrics(probabilities, np.array([0, 1, 2, 3]), CLASS_NAMES)
     assert result["top1"] == 0.75 and result["per_class"]["cat"] == 0.0 and result["confusion"][3][2] == 1
 
 
@@ -56,7 +57,7 @@ def test_indices_and_flip_tta(weights, cifar_dir):
     classifier = load_classifier(weights, precision="float32")
     x, y = (a[5:15] for a in load_cifar10(cifar_dir)[1])
     by_hand = (classifier.probabilities(x) + classifier.probabilities(x[:, :, ::-1])) / 2
-    assert flipped["loss"] == pytest.approx(metrics(by_hand, y)["loss"], rel=1e-5)
+    assert flipped["loss"] == pytest.approx(metrics(by_hand, y, CLASS_NAMES)["loss"], rel=1e-5)
     assert flipped["loss"] != pytest.approx(part["loss"], rel=1e-5)
 
 

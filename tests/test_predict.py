@@ -35,7 +35,7 @@ def images(tmp_path):
 
 
 def test_load_image_modes(images):
-    from allcnn.prediction import load_image
+    from allcnn.images import load_image
 
     for path in sorted(images.iterdir()):
         array = load_image(path)
@@ -43,22 +43,22 @@ def test_load_image_modes(images):
 
 
 def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
-    from allcnn.prediction import load_image
+    from allcnn.images import load_image
 
     Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "mid.png")
     assert abs(int(load_image(tmp_path / "mid.png")[0, 0, 0]) - 128) <= 1
 
 
 def test_transparent_is_white(tmp_path):
-    from allcnn.prediction import load_image
+    from allcnn.images import load_image
 
     Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
     assert (load_image(tmp_path / "clear.png") == 255).all()
 
 
 def test_bad_files(tmp_path, monkeypatch):
-    from allcnn import prediction
-    from allcnn.prediction import ImageError, load_image
+    from allcnn import images
+    from allcnn.images import ImageError, load_image
 
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.png").write_text("not an image")
@@ -67,17 +67,17 @@ def test_bad_files(tmp_path, monkeypatch):
     for name, reason in [("empty.png", "empty"), ("text.png", "not an image"), ("cut.png", "unreadable"), ("none.png", "no such")]:
         with pytest.raises(ImageError, match=reason):
             load_image(tmp_path / name)
-    monkeypatch.setattr(prediction, "MAX_PIXELS", 1000)
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000)
     with pytest.raises(ImageError, match="decompression bomb"):
         load_image(tmp_path / "full.png")
-    monkeypatch.setattr(prediction, "MAX_PIXELS", 1 << 26)
+    monkeypatch.setattr(images, "MAX_PIXELS", 1 << 26)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ImageError, match="decompression bomb"):
         load_image(tmp_path / "full.png")
 
 
 def test_folders_expand_to_decodable_images_only(weights, images):
-    from allcnn.prediction import expand_inputs
+    from allcnn.images import expand_inputs
 
     (images / "notes.txt").write_text("not an image")
     (images / "best.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")  # Pillow names HDF5 but cannot decode it

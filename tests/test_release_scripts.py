@@ -122,7 +122,7 @@ def test_ship_weights_refuses_a_run_that_does_not_beat_the_shipped_weights(tmp_p
     monkeypatch.setattr("sys.argv", ["ship_weights.py", str(first), "--data-dir", str(cifar_dir)])
     ship.main()
     entry = json.loads((weights / "manifest.json").read_text())["weights"][0]
-    assert entry["produced"]["command"] == "scripts/train_release.sh DATA_DIR RUN_DIR"
+    assert entry["produced"]["command"] == "scripts/train_release.sh DATA_DIR RUN_DIR release-v2"
     before = {path.name: path.read_bytes() for path in weights.iterdir()}
     monkeypatch.setattr("sys.argv", ["ship_weights.py", str(worse), "--data-dir", str(cifar_dir)])
     with pytest.raises(SystemExit, match="not shipping: best val_accuracy 0.5500 does not beat 0.6000"):
@@ -189,7 +189,7 @@ def test_train_release_trains_then_resumes_one_schedule(tmp_path):
     assert _train_release(tmp_path, "DATA", str(run)).returncode == 0
     assert _train_release(tmp_path, "DATA", str(run)).returncode == 0
     assert (tmp_path / "calls.log").read_text().splitlines() == [
-        f"allcnn train --config release-v2 --out {run} --data-dir DATA",
+        f"allcnn train --config release-v3 --out {run} --data-dir DATA",
         f"python ship_weights.py {run} --data-dir DATA",
         # Run again: the run folder exists, so it resumes (and a finished run trains nothing).
         f"allcnn train --resume --out {run} --data-dir DATA",

@@ -141,7 +141,8 @@ def test_resume_api_checks_flags_against_the_run_without_training(tmp_path):
     with pytest.raises(RunError, match="no run in"):
         resume(tmp_path / "nothing")
     run, config = RunFolder(tmp_path / "run"), make_config(epochs=2, lr=0.01)
-    run.create(config, {"mode": "none", "replicas": 1, "global_batch_size": 128, "lr": 0.01}, overwrite=False)
+    run.create(config, {"mode": "none", "replicas": 1, "global_batch_size": 128, "lr": 0.01}, overwrite=False,
+               class_names=("a", "b"))
     check_resume_flags(run, run.read_config(), None, {"epochs": 2, "lr": 0.01, "seed": None})
     with pytest.raises(ConfigError, match=r"these differ from it: --lr 0.1 \(run: 0.01\)$"):
         check_resume_flags(run, run.read_config(), None, {"lr": 0.1})
