@@ -91,25 +91,23 @@ def evaluate(
 
 
 def _split_source(classifier, dataset: str, data_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Training and test images and labels of the dataset to evaluate on, in the weights' classes.
+    """Training and test images and labels of the dataset to evaluate on, which must have the weights' classes.
 
     An image folder has no training part apart from itself: its images are both
     (`val` holds out some of them as training did; `test` takes them all).
     """
     from allcnn import data
 
-    names = classifier.class_names
-    kind = data.resolve_dataset(dataset, data_dir)
-    if kind == "folder":
-        x, y, _, skipped = data.load_image_folder(data_dir, classifier.image_size, names)
-        for line in skipped:
-            print(f"warning: {line}", file=sys.stderr)
-        return x, y, x, y
-    loaded = data.load_dataset(kind, data_dir)
-    if loaded.class_names != names:
-        raise data.DatasetError(f"{classifier.spec.path} classifies {len(names)} classes, not {kind}'s "
-                                f"{len(loaded.class_names)}; pass --data-dir with the data it was trained on")
-    return (*loaded.train, *loaded.test)
+    loaded = data.load_dataset(dataset, data_dir, image_size=classifier.image_size)
+    for line in loaded.skipped:
+        print(f"warning: {line}", file=sys.stderr)
+    trained, found = classifier.class_names, loaded.class_names
+    if found != trained:
+        preview = lambda names: ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")  # noqa: E731
+        raise data.DatasetError(f"{classifier.spec.path} classifies {len(trained)} classes ({preview(trained)}); "
+                                f"the {loaded.name} data has {len(found)} ({preview(found)}): pass --data-dir "
+                                "with the classes it was trained on")
+    return (*loaded.train, *(loaded.test or loaded.train))
 
 
 def plot_samples(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, path: str | os.PathLike,

@@ -340,7 +340,7 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
         return {"process_id": replicas.process_id, "epochs": config.total_epochs}
 
     history = run.trim_history(run.restored_epoch())
-    summary = write_summary(run, config, history, policy, gpu, len(train_split[0]), start_epoch, elapsed)
+    summary = make_summary(run, config, history, policy, gpu, len(train_split[0]), start_epoch, elapsed)
     summary.update(dataset=dataset.name, classes=len(names), skipped_files=len(dataset.skipped))
     if test:
         with distribute.outside_distribution():  # evaluate here alone, not across processes
@@ -404,9 +404,9 @@ def make_batches(config: TrainConfig, run: RunFolder, train_split: tuple, val_sp
     return train_batches, val_batches
 
 
-def write_summary(run: RunFolder, config: TrainConfig, history: list[dict], policy: str, gpu, n_train: int,
-                  start_epoch: int, elapsed: float) -> dict:
-    """summary.json: totals over all sessions of the run, plus this session's speed.
+def make_summary(run: RunFolder, config: TrainConfig, history: list[dict], policy: str, gpu, n_train: int,
+                 start_epoch: int, elapsed: float) -> dict:
+    """What summary.json holds: totals over all sessions of the run, plus this session's speed.
 
     A resume that trains no epoch (the run had finished) keeps the summary as it
     was: this session's device and precision did not produce the weights.
@@ -426,7 +426,6 @@ def write_summary(run: RunFolder, config: TrainConfig, history: list[dict], poli
         "best_val_accuracy": best_val_accuracy(history),
         "last_val_accuracy": float(history[-1]["val_accuracy"]) if history else None,
     }
-    run.write_summary(summary)
     return summary
 
 
