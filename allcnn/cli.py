@@ -155,6 +155,8 @@ def train(config_path, data_dir, test_dir, out, resume, overwrite, test, coordin
             from allcnn.distribute import join_cluster
 
             join_cluster(coordinator_address, num_processes, process_id)
+        if flags["val_size"] is not None and flags["val_split"] is None:  # an explicit count beats a recipe's fraction
+            flags["val_split"] = 0.0
         if flags["initial_weights"] not in (None, "", SHIPPED):  # absolute: the run's config.toml works anywhere
             flags["initial_weights"] = str(Path(flags["initial_weights"]).resolve())
         from allcnn import training
@@ -332,7 +334,8 @@ def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_jso
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @_with_weights_options
-@click.option("--top-k", type=click.IntRange(1, 10), default=3, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Classes per image (at most the weights' number of classes).")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False),
               help="Write a PNG grid of the images with their top class and probability (the first 64).")
 def predict(inputs, weights, variant, preprocessing_json, batch_size, precision, as_json, tta, device, top_k, plot):
@@ -426,8 +429,8 @@ def explain(inputs, weights, variant, preprocessing_json, device, class_name, me
 def export(weights, variant, preprocessing_json, device, format_, out, overwrite):
     """Export the network with its preprocessing, to run without allcnn.
 
-    The exported model takes float32 RGB pixels 0..255, NHWC, 32x32, and returns
-    the 10 class probabilities. Before it is written, it is run with its own
+    The exported model takes float32 RGB pixels 0..255, NHWC, 32x32 (or the size it was trained at), and returns
+    the class probabilities (10 for CIFAR-10). Before it is written, it is run with its own
     runtime and compared with Keras on a few images; a mismatch is an error.
     Converters: pip install 'allcnn[export]'.
 

@@ -134,7 +134,7 @@ class TrainConfig:
             raise ConfigError(f"preprocessing: zca is fitted on 32x32 images only, not {self.image_size}x{self.image_size}")
         if self.freeze_base and self.head_epochs:
             raise ConfigError("freeze_base: the whole run trains the classifier alone; head_epochs (which then "
-                              "unfreezes the base) contradicts it: set one of them")
+                              "unfreezes the base) contradicts it: set one of them (e.g. --head-epochs 0)")
         return self
 
     @property
@@ -144,11 +144,16 @@ class TrainConfig:
 
     def val_count(self, images: int) -> int:
         """How many of `images` training images are held out for validation."""
-        return round(self.val_split * images) if self.val_split else self.val_size
+        return val_count(self.val_size, self.val_split, images)
 
     def to_toml(self) -> str:
         """The resolved recipe as TOML (flat scalars and lists only)."""
         return "".join(f"{k} = {_toml_value(v)}\n" for k, v in dataclasses.asdict(self).items())
+
+
+def val_count(val_size: int, val_split: float, images: int) -> int:
+    """The validation images held out of `images`: the fraction `val_split` if given, else `val_size`."""
+    return round(val_split * images) if val_split else val_size
 
 
 def _toml_value(value) -> str:

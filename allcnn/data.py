@@ -20,7 +20,7 @@ from typing import IO, Callable
 
 import numpy as np
 
-from allcnn.config import ConfigError
+from allcnn.config import DATASETS, ConfigError
 from allcnn.errors import AllcnnError
 
 CLASS_NAMES = (
@@ -250,13 +250,20 @@ def class_folders(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
 
 
+def _holds_cifar(path: Path) -> bool:
+    return _find(path, CIFAR10) is not None or _find(path, CIFAR100) is not None
+
+
 def is_image_folder(data_dir: str | os.PathLike | None) -> bool:
-    """Whether `data_dir` holds class sub-folders and no CIFAR dataset."""
+    """Whether `data_dir` holds class sub-folders and no CIFAR dataset (nor one a level
+    deeper, which is a CIFAR copy given one folder too high, not a class)."""
     if not data_dir:
         return False
     path = Path(data_dir).expanduser()
-    return (path.is_dir() and _find(path, CIFAR10) is None and _find(path, CIFAR100) is None
-            and bool(class_folders(path)))
+    if not path.is_dir() or _holds_cifar(path):
+        return False
+    folders = class_folders(path)
+    return bool(folders) and not any(_holds_cifar(folder) for folder in folders)
 
 
 def load_image_folder(root: str | os.PathLike, size: int = 32,
@@ -289,7 +296,9 @@ def load_image_folder(root: str | os.PathLike, size: int = 32,
     images, labels, skipped = [], [], []
     for label, folder in enumerate(folders):
         count = 0
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        files = (p for p in folder.rglob("*")
+                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        for path in sorted(files):
             image = load_or_error(path, size)
             if isinstance(image, np.ndarray):
                 images.append(image)
@@ -321,10 +330,18 @@ class Dataset:
 
 
 def resolve_dataset(name: str, data_dir: str | os.PathLike | None) -> str:
-    """`auto` is an image folder when `data_dir` holds class sub-folders (and no CIFAR), else CIFAR-10."""
+    """`auto` is an image folder when `data_dir` holds class sub-folders (and no CIFAR), CIFAR-100
+    when it holds CIFAR-100 and no CIFAR-10, else CIFAR-10."""
+    if name not in DATASETS:
+        raise ConfigError(f"dataset: {name!r} is not one of {', '.join(DATASETS)}")
     if name != "auto":
         return name
-    return "folder" if is_image_folder(data_dir or os.environ.get(ENV_VAR)) else "cifar10"
+    data_dir = data_dir or os.environ.get(ENV_VAR)
+    if is_image_folder(data_dir):
+        return "folder"
+    path = Path(data_dir).expanduser() if data_dir else None
+    only_cifar100 = path is not None and _find(path, CIFAR10) is None and _find(path, CIFAR100) is not None
+    return "cifar100" if only_cifar100 else "cifar10"
 
 
 def load_dataset(name: str = "auto", data_dir: str | os.PathLike | None = None, *,

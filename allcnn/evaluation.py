@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from allcnn.config import ConfigError
+from allcnn.config import ConfigError, val_count
 from allcnn.inference import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION, load_classifier
 
 SPLITS = ("test", "val")
@@ -70,7 +70,7 @@ def evaluate(
     x_train, y_train, x, y = _split_source(classifier, dataset, data_dir)
     if split == "val":
         spec = classifier.spec
-        held_out = round(spec.val_split * len(x_train)) if spec.val_split else spec.val_size
+        held_out = val_count(spec.val_size, spec.val_split, len(x_train))
         _, (x, y) = data.train_val_split(x_train, y_train, held_out, spec.seed)
     first, stop, _ = (indices or slice(None)).indices(len(x))
     x, y = x[first:stop], y[first:stop]
@@ -98,6 +98,8 @@ def _split_source(classifier, dataset: str, data_dir) -> tuple[np.ndarray, np.nd
     """
     from allcnn import data
 
+    if dataset == "auto":  # what the weights were trained on, where their run folder says
+        dataset = classifier.spec.dataset
     loaded = data.load_dataset(dataset, data_dir, image_size=classifier.image_size)
     for line in loaded.skipped:
         print(f"warning: {line}", file=sys.stderr)

@@ -14,7 +14,7 @@ in float32:
 - `gradcam`: Grad-CAM (Selvaraju et al., 2017) on the last 192-channel feature
   map (6x6 in `paper`, the input of the final 1x1 classifier conv): that map's channels
   weighted by their spatially averaged gradient, summed, ReLU'd, and resized
-  to 32x32 bilinearly.
+  to the input size bilinearly.
 
 The preprocessing (per-channel standardization, or ZCA) is applied in numpy
 before the network, so the gradients are taken with respect to the network's
@@ -181,7 +181,7 @@ def to_display(explanation: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Explanation:
-    """One image explained: `map` is (32, 32, 3) for `guided` (the raw gradient), else (32, 32) in [0, 1]."""
+    """One image explained: `map` is (H, W, 3) for `guided` (the raw gradient), else (H, W) in [0, 1]."""
 
     path: str
     image: np.ndarray
@@ -204,7 +204,7 @@ def _check_class(class_name: str, names: tuple[str, ...]) -> None:
 
 def explain_arrays(classifier: Classifier, images: np.ndarray, *, method: str = "guided",
                    class_name: str = TOP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Maps for uint8 images (N, 32, 32, 3): `(maps, explained class indices, probabilities)`.
+    """Maps for uint8 images (N, H, W, 3): `(maps, explained class indices, probabilities)`.
 
     `class_name` is one of the classifier's classes, or `"top"` for each image's predicted class.
     `probabilities` are the softmax outputs (N, classes) of the classifier.

@@ -1,12 +1,12 @@
 """`allcnn export`: the network as one file that runs without allcnn (ONNX, LiteRT, SavedModel).
 
 The exported graph takes what a camera gives: float32 RGB pixels 0..255,
-NHWC, 32x32 (resizing is the caller's job). The training preprocessing is
+NHWC, 32x32 or the size the network was trained at (resizing is the caller's job). The training preprocessing is
 built in as Keras layers in front of the network (`Rescaling(1/255)`, then for
 `standardize` a per-channel `Rescaling` by 1/std with offset -mean/std, the training statistics;
 for `zca` a layer with the contrast normalization and the whitening matrix), dropout
 is left out (inference only) and everything is float32. It returns the softmax
-probabilities (N, 10).
+probabilities (N, classes).
 
 Export goes through Keras' own `model.export` (formats `onnx`, `litert`,
 `tf_saved_model`). Before the file is put in place, it is loaded with its own

@@ -68,11 +68,7 @@ class WeightsSpec:
     seed: int = 0
     class_names: tuple[str, ...] = CLASS_NAMES
     val_split: float = 0.0
-
-    @property
-    def image_size(self) -> int:
-        """The network's input size (CIFAR's 32 unless trained otherwise)."""
-        return self.architecture.get("input_shape", (32,))[0]
+    dataset: str = "auto"  # what the weights were trained on: `auto` where nothing records it
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -132,7 +128,10 @@ def _verified(directory: Path, entry: dict) -> Path:
 def _from_manifest(directory: Path) -> WeightsSpec:
     entry = manifest_entry(directory=directory)
     path = _verified(directory, entry)
-    names = tuple(entry.get("classes", CLASS_NAMES))
+    names = entry.get("classes", CLASS_NAMES)
+    if not (isinstance(names, (list, tuple)) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
+        raise WeightsError(f"the weights manifest's entry {entry['name']!r}: classes must be a list of names")
+    names = tuple(names)
     return WeightsSpec(path, weights_format(path), entry["variant"],
                        Preprocessing.from_dict(entry["preprocessing"], directory),
                        {"batch_norm": bool(entry.get("batch_norm", False)), "classes": len(names)},
@@ -160,7 +159,8 @@ def _from_file(path: Path, variant: str | None, preprocessing_json: Path | None)
         found_variant = config.variant
         architecture = {"batch_norm": config.batch_norm, "classes": len(names),
                         "input_shape": (config.image_size, config.image_size, 3)}
-        split = {"val_size": config.val_size, "val_split": config.val_split, "seed": config.seed, "class_names": names}
+        split = {"val_size": config.val_size, "val_split": config.val_split, "seed": config.seed, "class_names": names,
+                 "dataset": config.dataset}
     prep = run.read_preprocessing()
     if kind == LEGACY_H5:
         found_variant, prep = found_variant or "tutorial", prep or Preprocessing("scale")

@@ -130,6 +130,8 @@ def base_layers(model: keras.Model) -> list:
 
 def freeze_base(model: keras.Model) -> None:
     """Makes the base untrainable, so that training fits the classifier alone (feature
-    extraction); batch norm layers in it then also run in inference mode, as Keras does."""
+    extraction); batch norm layers in it then also run in inference mode, as Keras does.
+    Its dropout layers stay on while training, unlike the Keras guide's `base(x, training=False)`:
+    on the frozen features they regularize the small classifier, as augmentation would."""
     for layer in base_layers(model):
         layer.trainable = False

@@ -40,7 +40,7 @@ class CifarBatches(keras.utils.PyDataset):
     """Preprocessed (and optionally augmented) batches of one split.
 
     Args:
-        images: uint8 images (N, 32, 32, 3).
+        images: uint8 images (N, H, W, 3).
         labels: one-hot float32 labels (N, classes).
         preprocessing: the fitted `Preprocessing`, applied once up front.
         batch_size: images per (global) batch; the last batch may be smaller

@@ -37,7 +37,7 @@ class Preprocessing:
     whiten: np.ndarray | None = field(default=None, repr=False)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """Maps uint8 images (N, 32, 32, 3) to float32 network inputs."""
+        """Maps uint8 images (N, H, W, 3) to float32 network inputs."""
         x = np.asarray(images, dtype=np.float32) / 255.0
         if self.method == "scale":
             return x

@@ -120,6 +120,8 @@ def train(config: TrainConfig, out, *, data_dir=None, test_dir=None, overwrite: 
         AllcnnError (RunError, data.DataError, hardware.DeviceError, ...): with a one-line message.
     """
     run = RunFolder(out)
+    # Recorded as resolved, so that the run folder says what it trained on (resume and evaluate read it).
+    config = dataclasses.replace(config, dataset=data.resolve_dataset(config.dataset, data_dir))
     check_initial_weights(run, config, overwrite)
     return _fit(run, config, data_dir, test_dir, test,
                 prepare=lambda layout, names: run.create(config, layout, overwrite, names))
@@ -154,29 +156,66 @@ def resume(out, *, data_dir=None, test_dir=None, test: bool = False, device: str
 
 
 def check_resume_flags(run: RunFolder, config: TrainConfig, recipe: str | None, flags: dict) -> None:
-    """Refuses, by name, the flags (and recipe) that differ from the run's `config`; None means not given.
-    The device may differ: a run may move."""
+    """Refuses, by name, the flags (and recipe) that differ from the run's `config`; None means not given."""
     given = {key: value for key, value in flags.items() if value is not None}
     if not (given or recipe):
         return
     wanted = load_config(recipe or run.config_path, **given)
-    differ = [key for key, value in vars(wanted).items() if key != "device" and value != getattr(config, key)]
+    # The device may differ (a run may move), and `auto` is whatever dataset the run resolved it to.
+    differ = [key for key, value in vars(wanted).items()
+              if key != "device" and value != getattr(config, key) and not (key == "dataset" and value == "auto")]
     if differ:
         named = ", ".join(f"--{key.replace('_', '-')} {getattr(wanted, key)!r} (run: {getattr(config, key)!r})"
                           for key in differ)
         raise ConfigError(f"--resume continues {run.config_path} as it is; these differ from it: {named}")
 
 
+@dataclass(frozen=True)
+class StartingWeights:
+    """The weights `initial_weights` names: the file, the classes it was trained on, and its
+    network (variant, batch norm) where its run folder or the manifest records it."""
+
+    path: Path
+    class_names: tuple[str, ...]
+    variant: str | None = None
+    batch_norm: bool | None = None
+
+
+def starting_weights(config: TrainConfig) -> StartingWeights:
+    """Resolves `initial_weights`: `SHIPPED` through the manifest (sha256-checked), a file with its run folder."""
+    from allcnn.manifest import resolve_weights
+    from allcnn.weights_io import WeightsError
+
+    if config.initial_weights == SHIPPED:
+        try:
+            spec = resolve_weights()
+        except WeightsError as e:
+            raise RunError(f"initial_weights: {e}") from None
+        return StartingWeights(spec.path, spec.class_names, spec.variant, spec.architecture.get("batch_norm", False))
+    path = Path(config.initial_weights)
+    source = RunFolder(path.parent)
+    trained = source.read_config() if source.has_run() else None
+    return StartingWeights(path, source.read_class_names() or data.CLASS_NAMES,
+                           trained.variant if trained else None, trained.batch_norm if trained else None)
+
+
 def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) -> None:
-    """Before the run folder is made or replaced: the starting weights exist and
-    survive --overwrite (one inside the folder would be deleted with it)."""
-    if config.initial_weights in ("", SHIPPED):  # the shipped weights are checked when they load
+    """Before the run folder is made or replaced: the starting weights exist, are this
+    run's network, and survive --overwrite (one inside the folder would be deleted with it)."""
+    if not config.initial_weights:
         return
-    path = Path(config.initial_weights).resolve()
-    if not path.is_file():
-        raise RunError(f"initial_weights: no such weights file {config.initial_weights}")
-    if overwrite and run.path.resolve() in path.parents:
-        raise RunError(f"initial_weights: {path} is inside {run}, which --overwrite would delete; copy it out first")
+    if config.initial_weights != SHIPPED:
+        path = Path(config.initial_weights).resolve()
+        if not path.is_file():
+            raise RunError(f"initial_weights: no such weights file {config.initial_weights}")
+        if overwrite and run.path.resolve() in path.parents:
+            raise RunError(f"initial_weights: {path} is inside {run}, which --overwrite would delete; copy it out first")
+    source = starting_weights(config)
+    # The variants have the same weight shapes: only the record tells them apart.
+    if source.variant not in (None, config.variant) or source.batch_norm not in (None, config.batch_norm):
+        described = lambda variant, bn: f"{variant}{' (batch norm)' if bn else ''}"  # noqa: E731
+        raise RunError(f"initial_weights: {source.path} are the {described(source.variant, source.batch_norm)} "
+                       f"network; this run trains {described(config.variant, config.batch_norm)}")
 
 
 def run_layout(config: TrainConfig, replicas: Replicas) -> dict:
@@ -243,29 +282,23 @@ def compile_model(config: TrainConfig, steps_per_epoch: int, lr: float | None = 
     return model
 
 
-def load_initial_weights(model: keras.Model, source: str, class_names: tuple[str, ...]) -> None:
-    """Starts a run from earlier weights (a file, or `SHIPPED`); a resumed run restores its own instead.
+def load_initial_weights(model: keras.Model, source: StartingWeights, class_names: tuple[str, ...]) -> None:
+    """Starts a run from earlier weights; a resumed run restores its own instead.
 
     Weights trained on `class_names` load whole (a warm restart); weights trained
     on other classes load into every layer but the classifier, which keeps its
     random init (transfer learning).
     """
-    from allcnn.manifest import resolve_weights
     from allcnn.weights_io import WeightsError, load_weights
 
+    whole = tuple(source.class_names) == tuple(class_names)
     try:
-        if source == SHIPPED:
-            spec = resolve_weights()  # sha256-checked
-            path, trained_on = spec.path, spec.class_names
-        else:
-            path = Path(source)
-            trained_on = RunFolder(path.parent).read_class_names() or data.CLASS_NAMES
-        whole = tuple(trained_on) == tuple(class_names)
-        load_weights(model, path, base_only=not whole)
+        load_weights(model, source.path, base_only=not whole)
     except WeightsError as e:
         raise RunError(f"initial_weights: {e}") from None
-    print(f"initial weights: {path}: " + ("every layer" if whole else
-          f"every layer but the classifier, new for {len(class_names)} classes (trained on {len(trained_on)} others)"))
+    print(f"initial weights: {source.path}: " + ("every layer" if whole else
+          f"every layer but the classifier, new for {len(class_names)} classes "
+          f"(trained on {len(source.class_names)} others)"))
 
 
 @dataclass(frozen=True)
@@ -312,16 +345,15 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
         prepare(layout, names)
     train_batches, val_batches = make_batches(config, run, train_split, val_split, replicas, layout, len(names))
     start_epoch = run.restored_epoch()
-    started, model = time.perf_counter(), None
+    elapsed, model = 0.0, None
     for phase in phases(config):
         if phase.end <= start_epoch:
             continue
-        previous = model
+        previous, lr = model, run_layout(phase.config, replicas)["lr"]
         # Layers take the policy when built; set around the build only, so that the
         # process (a notebook, the next run) keeps its own global policy.
         with replicas.scope(), dtype_policy(policy):
-            model = compile_model(phase.config, len(train_batches), run_layout(phase.config, replicas)["lr"],
-                                  len(names))
+            model = compile_model(phase.config, len(train_batches), lr, len(names))
         restored = start_epoch > phase.first  # the backup holds this phase's optimizer state too
         if previous is not None:
             model.set_weights(previous.get_weights())
@@ -330,12 +362,12 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
 
             load_weights(model, run.backup_weights())
         elif not restored and config.initial_weights:
-            load_initial_weights(model, config.initial_weights, names)
-        if phase.config.freeze_base:
-            print(f"epochs {phase.first + 1} to {phase.end} of {config.total_epochs}: the classifier alone, the base frozen")
-        _fit_phase(model, run, phase, max(start_epoch, phase.first), restored, train_batches, val_batches,
-                   replicas)
-    elapsed = time.perf_counter() - started
+            load_initial_weights(model, starting_weights(config), names)
+        if config.head_epochs:
+            trains = "the classifier alone, the base frozen" if phase.config.freeze_base else "every layer"
+            print(f"epochs {phase.first + 1} to {phase.end} of {config.total_epochs}: {trains}, lr {lr:g}")
+        elapsed += _fit_phase(model, run, phase, lr, max(start_epoch, phase.first), restored, train_batches,
+                              val_batches, replicas)
     if not replicas.is_chief:
         return {"process_id": replicas.process_id, "epochs": config.total_epochs}
 
@@ -349,10 +381,10 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
     return summary
 
 
-def _fit_phase(model: keras.Model, run: RunFolder, phase: Phase, start_epoch: int, restored: bool,
-               train_batches: CifarBatches, val_batches: CifarBatches, replicas: Replicas) -> None:
-    """`model.fit` for one phase's epochs from `start_epoch`; `restored`: the backup restores
-    the weights and optimizer state (a run resumed inside the phase)."""
+def _fit_phase(model: keras.Model, run: RunFolder, phase: Phase, lr: float, start_epoch: int, restored: bool,
+               train_batches: CifarBatches, val_batches: CifarBatches, replicas: Replicas) -> float:
+    """`model.fit` for one phase's epochs from `start_epoch`, at peak `lr`; returns its seconds.
+    `restored`: the backup restores the weights and optimizer state (a run resumed inside the phase)."""
     config = phase.config
     nan_stop = NanStop()
     callbacks = [EpochSeeder(train_batches, config.seed), EpochStats(), nan_stop]
@@ -360,6 +392,7 @@ def _fit_phase(model: keras.Model, run: RunFolder, phase: Phase, start_epoch: in
         callbacks.append(SwapEMAWeights(resumed=restored))
     callbacks += (writer_callbacks(run, start_epoch, restore=restored) if replicas.is_chief
                   else [RunBackup(run, write=False, restore=restored)])
+    started = time.perf_counter()
     try:
         # shuffle=False: CifarBatches shuffles itself, keyed by (seed, epoch); Keras would
         # reorder batches with Python's global random state, which no resume restores.
@@ -370,12 +403,13 @@ def _fit_phase(model: keras.Model, run: RunFolder, phase: Phase, start_epoch: in
         if nan_stop.fired:
             last = run.last_weights
             kept = f"the last completed epoch's weights are in {last}" if last.exists() else "no epoch completed"
-            raise RunError(f"the loss became NaN; the learning rate ({config.lr}) is probably too high: try a "
+            raise RunError(f"the loss became NaN; the learning rate ({lr}) is probably too high: try a "
                            f"smaller --lr or more --warmup-epochs ({kept})") from None
         if replicas.processes > 1 and is_worker_loss(e):
             raise WorkerLost(f"process {replicas.process_id}: another process of the run stopped "
                              f"({str(e).splitlines()[0]}); restart every process with --resume") from None
         raise
+    return time.perf_counter() - started
 
 
 def make_batches(config: TrainConfig, run: RunFolder, train_split: tuple, val_split: tuple, replicas: Replicas,
@@ -431,7 +465,9 @@ def make_summary(run: RunFolder, config: TrainConfig, history: list[dict], polic
 
 def evaluate_test(run: RunFolder, test_split: tuple) -> float:
     """Top-1 accuracy of `best.weights.h5` on the test split (only when asked)."""
+    from allcnn.evaluation import metrics
     from allcnn.inference import load_classifier
 
     x, y = test_split
-    return float((load_classifier(run.best_weights).probabilities(x).argmax(axis=1) == y).mean())
+    classifier = load_classifier(run.best_weights)
+    return metrics(classifier.probabilities(x), y, classifier.class_names)["top1"]

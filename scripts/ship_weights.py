@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from allcnn import hardware
-from allcnn.config import TrainConfig, load_config
+from allcnn.config import SHIPPED, TrainConfig, load_config
 from allcnn.data import CLASS_NAMES, DataError, load_cifar10
 from allcnn.evaluation import metrics
 from allcnn.files import atomic_write, atomic_write_text
@@ -58,7 +58,7 @@ def stages(run: Path) -> list[Path]:
         if not first.has_run():
             sys.exit(f"error: {runs[0]} is not a run folder (no config.toml)")
         initial = first.read_config().initial_weights
-        if not initial:
+        if initial in ("", SHIPPED):  # a random init, or transfer from weights that are not a stage of ours
             return runs
         runs.insert(0, Path(initial).parent)
 

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from allcnn.cli import main
+from allcnn.config import tomllib
 from allcnn.data import CIFAR100_CLASS_NAMES, DatasetError, load_cifar100, load_dataset, load_image_folder
 
 CLASSES = ("cat", "dog", "fox")
@@ -33,6 +34,8 @@ def write_image_folder(root: Path, per_class: int = 8, classes=CLASSES, bad_file
         (root / classes[0] / "notes.txt").write_text("not an image")
         (root / classes[1] / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a JPEG")
         (root / classes[1] / ".DS_Store").write_bytes(b"\0")
+        (root / classes[1] / ".ipynb_checkpoints").mkdir()  # a hidden folder's copies are not more images
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / classes[1] / ".ipynb_checkpoints" / "0.png")
     return root
 
 
@@ -106,9 +109,20 @@ def test_train_evaluate_predict_with_the_folder_class_names(photos, tmp_path):
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.splitlines()]
     assert len(lines) == 3 and all({t["class"] for t in line["top"]} == set(CLASSES) for line in lines)
-    # Weights for these 3 classes do not evaluate on CIFAR-10.
-    result = CliRunner().invoke(main, ["evaluate", "--weights", str(weights), "--data-dir", str(photos.parent / "x")])
-    assert result.exit_code != 0 and result.output.count("Error: ") == 1
+    # The run records what it trained on: resuming it, or evaluating its weights, without the folder says so.
+    assert tomllib.loads((out / "config.toml").read_text())["dataset"] == "folder"
+    for command in (["train", "--resume", "--out", str(out)], ["evaluate", "--weights", str(weights)]):
+        result = CliRunner().invoke(main, command, env={"ALLCNN_DATA_DIR": ""})
+        assert result.exit_code == 2 and "needs --data-dir DIR" in result.output, result.output
+        assert result.output.count("Error: ") == 1 and "Traceback" not in result.output
+
+
+def test_initial_weights_of_another_network_are_refused_before_anything_is_written(photos, tmp_path):
+    out = tmp_path / "run"
+    result = _train("--data-dir", photos, "--out", out, "--initial-weights", "shipped", "--variant", "tutorial",
+                    "--epochs", "1", *FAST)
+    assert result.exit_code == 1 and "are the paper network; this run trains tutorial" in result.output, result.output
+    assert not out.exists()
 
 
 def test_freeze_base_trains_the_classifier_alone(photos, tmp_path):
@@ -203,6 +217,7 @@ def test_cifar100_loads_fine_labels_and_trains_with_100_classes(tmp_path):
     with open(data / "cifar-100-python" / "train", "rb") as f:
         assert y.tolist() == pickle.load(f, encoding="bytes")[b"fine_labels"]
     assert load_dataset("cifar100", data).class_names == CIFAR100_CLASS_NAMES
+    assert load_dataset("auto", data).name == "cifar100"  # CIFAR-100 and no CIFAR-10 in the folder
     out = tmp_path / "run"
     result = _train("--config", "paper-cifar100", "--data-dir", data, "--out", out, "--epochs", "1",
                     "--batch-size", "16", "--val-size", "10", "--precision", "float32")
