@@ -235,3 +235,18 @@ def test_cifar100_meta_with_other_names_is_refused(tmp_path):
         pickle.dump({b"fine_label_names": [b"x"] * 100}, f)
     with pytest.raises(Exception, match="are not CIFAR-100's"):
         load_cifar100(data)
+
+
+def test_auto_dataset_resolution(tmp_path, photos, cifar_dir):
+    from allcnn.config import ConfigError
+    from allcnn.data import resolve_dataset
+
+    assert resolve_dataset("auto", photos) == "folder"
+    assert resolve_dataset("auto", cifar_dir) == resolve_dataset("auto", None) == "cifar10"
+    # A CIFAR copy given one folder too high is not a folder of classes: the CIFAR error says where to look.
+    nested = tmp_path / "datasets"
+    nested.mkdir()
+    cifar_dir.rename(nested / "cifar")
+    assert resolve_dataset("auto", nested) == "cifar10"
+    with pytest.raises(ConfigError, match="dataset: 'imagenet' is not one of"):
+        resolve_dataset("imagenet", photos)
