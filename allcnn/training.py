@@ -216,6 +216,14 @@ def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) 
         described = lambda variant, bn: f"{variant}{' (batch norm)' if bn else ''}"  # noqa: E731
         raise RunError(f"initial_weights: {source.path} are the {described(source.variant, source.batch_norm)} "
                        f"network; this run trains {described(config.variant, config.batch_norm)}")
+    # A file without records: its base must fit this network (the classifier depends on the classes,
+    # which the data, loaded later, tells).
+    from allcnn.weights_io import WeightsError, load_weights
+
+    try:
+        load_weights(build_model(config.variant, batch_norm=config.batch_norm), source.path, base_only=True)
+    except WeightsError as e:
+        raise RunError(f"initial_weights: {e}") from None
 
 
 def run_layout(config: TrainConfig, replicas: Replicas) -> dict:

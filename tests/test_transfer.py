@@ -123,6 +123,13 @@ def test_initial_weights_of_another_network_are_refused_before_anything_is_writt
                     "--epochs", "1", *FAST)
     assert result.exit_code == 1 and "are the paper network; this run trains tutorial" in result.output, result.output
     assert not out.exists()
+    from allcnn.model import build_model  # a bare file (no run folder tells its network) of another architecture
+
+    build_model("paper", batch_norm=True).save_weights(tmp_path / "other.weights.h5")
+    result = _train("--data-dir", photos, "--out", out, "--initial-weights", tmp_path / "other.weights.h5",
+                    "--epochs", "1", *FAST)
+    assert result.exit_code == 1 and "initial_weights: " in result.output and "another architecture" in result.output
+    assert result.output.count("Error: ") == 1 and not out.exists(), result.output
 
 
 def test_freeze_base_trains_the_classifier_alone(photos, tmp_path):
