@@ -6,7 +6,7 @@ and maps uint8 images to float32 class probabilities in batches.
 Precision: the default is `auto`: mixed_bfloat16 where the hardware has bf16
 natively (a CPU with avx512_bf16/amx_bf16, a GPU of compute capability >= 8.0),
 float32 elsewhere — never emulated bf16, which is many times slower. Measured
-on an AVX-512 BF16 EPYC with the shipped weights (stages 1-2) on the 10,000 test
+on an AVX-512 BF16 EPYC with the weights shipped before (stages 1-2) on the 10,000 test
 images: bf16 top-1 85.41% vs float32 85.39% (+0.02 points, loss 0.4583 vs 0.4580)
 at 1,452 vs 775 images/s. `--precision float32` gives the exact figures the
 manifest records (they were measured in float32).
