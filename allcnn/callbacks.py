@@ -32,16 +32,31 @@ class EpochStats(keras.callbacks.Callback):
 
 
 class CurvesPlotter(keras.callbacks.Callback):
-    """Redraws curves.png from history.csv after each epoch, so a running run shows its progress."""
+    """Redraws curves.png from history.csv, so a running run shows its progress.
 
-    def __init__(self, run: RunFolder):
+    After an epoch when `min_seconds` have passed since the last drawing, and at the
+    end: a drawing takes ~0.25 s, a long run's epoch on a GPU a few seconds.
+    """
+
+    def __init__(self, run: RunFolder, min_seconds: float = 30.0):
         super().__init__()
-        self.run = run
+        self.run, self.min_seconds = run, min_seconds
+        self._drawn_at, self._epochs, self._drawn = -float("inf"), 0, 0
 
     def on_epoch_end(self, epoch, logs=None):
+        self._epochs = epoch + 1
+        if time.perf_counter() - self._drawn_at >= self.min_seconds:
+            self._draw()
+
+    def on_train_end(self, logs=None):
+        if self._epochs > self._drawn:
+            self._draw()
+
+    def _draw(self):
         from allcnn.plots import plot_history
 
-        plot_history(self.run.read_history(epoch + 1), self.run.curves_path)
+        plot_history(self.run.read_history(self._epochs), self.run.curves_path)
+        self._drawn_at, self._drawn = time.perf_counter(), self._epochs
 
 
 class NanStop(keras.callbacks.TerminateOnNaN):

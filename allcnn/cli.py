@@ -127,6 +127,10 @@ def main(debug: bool) -> None:
                    "devices in a multi-process JAX run). mirrored: TensorFlow; data-parallel: JAX.")
 @click.option("--lr-scaling", type=click.Choice(LR_SCALINGS),
               help="linear (default): the lr is multiplied by the replica count, as the global batch is.")
+@click.option("--data-workers", type=click.IntRange(min=1),
+              help="Threads that prepare the next batches during a step (default 1; 8 feed a GPU). Same batches.")
+@click.option("--steps-per-execution", type=click.IntRange(min=1),
+              help="Steps per call of the compiled step (default 1; e.g. 16 on a GPU). Same weights.")
 @click.option("--coordinator-address", envvar=["KERAS_DISTRIBUTION_JOB_ADDRESSES", "JAX_COORDINATOR_ADDRESS"],
               help="host:port of process 0, for a multi-process JAX run [env KERAS_DISTRIBUTION_JOB_ADDRESSES].")
 @click.option("--num-processes", type=click.IntRange(min=1),

@@ -28,6 +28,9 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 DEVICES = ("auto", "cpu", "gpu")
 DISTRIBUTE_MODES = ("none", "auto", "mirrored", "data-parallel")
 LR_SCALINGS = ("linear", "none")
+# Keys that say how a run executes, not what it trains: a resumed run may change them
+# (a run started on a GPU can go on on a CPU), and they leave its results the same.
+EXECUTION_KEYS = ("device", "data_workers", "steps_per_execution")
 # Test-time augmentation of evaluate and predict: "flip" averages the probabilities of
 # each image and its mirror (training flips images at random, so the network knows both).
 TTA_MODES = ("none", "flip")
@@ -95,6 +98,12 @@ class TrainConfig:
     # batch_size x replicas, and with lr_scaling "linear" the lr scales with it.
     distribute: str = "auto"
     lr_scaling: str = "linear"
+    # Threads that prepare the next training batches while a step runs (a GPU trains
+    # faster than one thread augments); the batches are the same for any number.
+    data_workers: int = 1
+    # Training steps per call of Keras' compiled step (`compile(steps_per_execution=)`):
+    # fewer round trips between Python and a GPU; the same steps, so the same weights.
+    steps_per_execution: int = 1
 
     def validate(self) -> "TrainConfig":
         """Checks values, naming the offending key."""
@@ -111,7 +120,8 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        for key in ("epochs", "batch_size", "val_size"):  # val_size: the best epoch is chosen on it
+        for key in ("epochs", "batch_size", "val_size", "data_workers", "steps_per_execution"):
+            # val_size: the best epoch is chosen on it
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
         for key in (f.name for f in fields(self) if f.type == "float"):  # nan passes every comparison below

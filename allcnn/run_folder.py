@@ -77,9 +77,10 @@ class RunFolder:
     def has_run(self) -> bool:
         return self.config_path.is_file()
 
-    def read_config(self, device: str | None = None) -> TrainConfig:
-        """The run's config, on `device` if given (a run may move, e.g. from a GPU to a CPU)."""
-        return load_config(self.config_path, device=device)
+    def read_config(self, **execution) -> TrainConfig:
+        """The run's config, with the `config.EXECUTION_KEYS` given in `execution` (None: the run's own):
+        a run may move, e.g. from a GPU to a CPU."""
+        return load_config(self.config_path, **execution)
 
     def create(self, config: TrainConfig, layout: dict, overwrite: bool, class_names: tuple[str, ...]) -> None:
         """Makes the folder of a new run, or replaces one with `overwrite`; writes its config and class names.

@@ -22,7 +22,7 @@ from keras import ops
 
 from allcnn import data, distribute, hardware
 from allcnn.callbacks import EpochStats, NanStop, RunBackup, SwapEMAWeights, writer_callbacks
-from allcnn.config import SHIPPED, ConfigError, TrainConfig, load_config
+from allcnn.config import EXECUTION_KEYS, SHIPPED, ConfigError, TrainConfig, load_config
 from allcnn.distribute import Replicas, WorkerLost, is_worker_loss
 from allcnn.inference import dtype_policy
 from allcnn.model import build_model, freeze_base
@@ -127,15 +127,15 @@ def train(config: TrainConfig, out, *, data_dir=None, test_dir=None, overwrite: 
                 prepare=lambda layout, names: run.create(config, layout, overwrite, names))
 
 
-def resume(out, *, data_dir=None, test_dir=None, test: bool = False, device: str | None = None,
-           recipe: str | None = None, **flags) -> dict:
+def resume(out, *, data_dir=None, test_dir=None, test: bool = False, recipe: str | None = None, **flags) -> dict:
     """Continues the run in the folder `out` from its last completed epoch; returns its summary.
 
     The run goes on with its own config.toml. `flags` (recipe keys, e.g. `lr=0.01`)
     and `recipe` (a recipe name or path) are what the caller believes the run
     is: accepted where they agree with it, so the command that started a run
-    also resumes it, and refused by name where they differ. `device` moves the
-    run (e.g. from a GPU to a CPU); `data_dir`, `test_dir` and `test` as for `train`.
+    also resumes it, and refused by name where they differ; but those of
+    `config.EXECUTION_KEYS` apply (`device` moves the run, e.g. from a GPU to a
+    CPU). `data_dir`, `test_dir` and `test` as for `train`.
 
     Raises:
         AllcnnError: as `train`; config.ConfigError for a flag that differs from the run's.
@@ -143,7 +143,7 @@ def resume(out, *, data_dir=None, test_dir=None, test: bool = False, device: str
     run = RunFolder(out)
     if not run.has_run():
         raise RunError(f"--resume: no run in {run} (no config.toml); start one without --resume")
-    config = run.read_config(device)
+    config = run.read_config(**{key: flags.pop(key, None) for key in EXECUTION_KEYS})
     check_resume_flags(run, config, recipe, flags)
 
     def prepare(layout: dict, names: tuple[str, ...]) -> None:
@@ -161,9 +161,9 @@ def check_resume_flags(run: RunFolder, config: TrainConfig, recipe: str | None, 
     if not (given or recipe):
         return
     wanted = load_config(recipe or run.config_path, **given)
-    # The device may differ (a run may move), and `auto` is whatever dataset the run resolved it to.
-    differ = [key for key, value in vars(wanted).items()
-              if key != "device" and value != getattr(config, key) and not (key == "dataset" and value == "auto")]
+    # How it executes may differ (a run may move), and `auto` is whatever dataset the run resolved it to.
+    differ = [key for key, value in vars(wanted).items() if key not in EXECUTION_KEYS
+              and value != getattr(config, key) and not (key == "dataset" and value == "auto")]
     if differ:
         named = ", ".join(f"--{key.replace('_', '-')} {getattr(wanted, key)!r} (run: {getattr(config, key)!r})"
                           for key in differ)
@@ -286,6 +286,7 @@ def compile_model(config: TrainConfig, steps_per_epoch: int, lr: float | None = 
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
+        steps_per_execution=config.steps_per_execution,
     )
     return model
 
@@ -440,7 +441,7 @@ def make_batches(config: TrainConfig, run: RunFolder, train_split: tuple, val_sp
     train_batches = CifarBatches(train_split[0], one_hot(train_split[1]), prep, layout["global_batch_size"],
                                  shuffle=True, flip=augment and config.flip,
                                  translate=config.translate if augment else 0, seed=config.seed,
-                                 shard=shard, drop_remainder=even)
+                                 shard=shard, drop_remainder=even, threads=config.data_workers)
     val_batch = replicas.count * max(1, VAL_BATCH // replicas.count)
     val_batches = CifarBatches(val_split[0], one_hot(val_split[1]), prep, val_batch, shard=shard)
     return train_batches, val_batches

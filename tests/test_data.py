@@ -143,6 +143,26 @@ def test_batches_depend_only_on_seed_epoch_and_index():
     assert not np.array_equal(a[1][0], b[1][0])
 
 
+def test_threads_prepare_the_same_batches_whatever_was_prefetched():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8)
+    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 100)]
+    prep = fit_preprocessing("scale", images)
+    make = lambda threads: CifarBatches(images, labels, prep, 8, shuffle=True, flip=True, translate=4,  # noqa: E731
+                                        seed=3, threads=threads)
+    one, threaded = make(1), make(3)
+    # As `fit` does: a batch taken before epoch 0 (to build the metrics) leaves batches
+    # of epoch 0 prefetched; a resumed run then jumps to its epoch.
+    threaded[0]
+    for epoch in (0, 4, 5):
+        one.set_epoch(epoch)
+        threaded.set_epoch(epoch)
+        for index in range(len(one)):
+            for got, expected in zip(threaded[index], one[index]):
+                np.testing.assert_array_equal(got, expected)
+    assert len(threaded._pending) <= 2 * 3
+
+
 def test_dropout_masks_are_keyed_by_epoch_and_never_replayed_by_the_next():
     import keras
 

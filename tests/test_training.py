@@ -307,6 +307,22 @@ def test_kill_9_during_epoch_2_then_resume_matches_uninterrupted(tmp_path, ema):
     assert (killed / "summary.json").read_text() == summary
 
 
+def test_data_workers_and_steps_per_execution_train_the_same_weights(cifar_dir, tmp_path):
+    def run(name, *flags):
+        result = _train("--data-dir", str(cifar_dir), "--out", str(tmp_path / name), *TINY, *flags)
+        assert result.exit_code == 0, result.output
+        return _history(tmp_path / name)
+
+    plain = run("plain")
+    fast = run("fast", "--data-workers", "3", "--steps-per-execution", "4")
+    assert [row["loss"] for row in fast] == [row["loss"] for row in plain]
+    assert fast == plain
+    # How a run executes is not part of what it is: a resume may change it.
+    resumed = _train("--resume", "--out", str(tmp_path / "fast"), "--data-dir", str(cifar_dir), "--epochs", "2",
+                     "--data-workers", "1", "--steps-per-execution", "1")
+    assert resumed.exit_code == 0, resumed.output
+
+
 def test_ema_validates_and_saves_the_averaged_weights(cifar_dir, tmp_path):
     from allcnn.evaluation import evaluate
 
@@ -366,3 +382,22 @@ def test_out_that_is_a_file_is_one_line(cifar_dir, tmp_path):
     result = _train("--data-dir", str(cifar_dir), "--out", str(tmp_path / "file" / "run"), *TINY)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.stderr == f"Error: {tmp_path / 'file' / 'run'}: Not a directory\n"
+
+
+def test_curves_are_redrawn_at_most_every_min_seconds_and_at_the_end(tmp_path, monkeypatch):
+    from allcnn import plots
+    from allcnn.callbacks import CurvesPlotter
+
+    drawn = []
+    monkeypatch.setattr(plots, "plot_history", lambda history, path: drawn.append(len(history)))
+    (tmp_path / "history.csv").write_text("epoch,loss\n" + "".join(f"{e},1.0\n" for e in range(5)))
+    plotter = CurvesPlotter(RunFolder(tmp_path), min_seconds=3600)
+    for epoch in range(5):
+        plotter.on_epoch_end(epoch)
+    plotter.on_train_end()
+    assert drawn == [1, 5]
+    every = CurvesPlotter(RunFolder(tmp_path), min_seconds=0)
+    for epoch in range(3):
+        every.on_epoch_end(epoch)
+    every.on_train_end()
+    assert drawn[2:] == [1, 2, 3]
