@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from allcnn import hardware
-from allcnn.config import SHIPPED, TrainConfig, load_config
+from allcnn.config import EXECUTION_KEYS, SHIPPED, TrainConfig, load_config
 from allcnn.data import CLASS_NAMES, DataError, load_cifar10
 from allcnn.evaluation import metrics
 from allcnn.files import atomic_write, atomic_write_text
@@ -32,8 +32,13 @@ from allcnn.manifest import manifest_entry, write_manifest_entry
 from allcnn.weights_io import WeightsError
 
 NAME = "allcnn-c"
-# The recipes scripts/train_release.sh trains, each one schedule from a random init.
-ONE_SCHEDULE_RECIPES = ("configs/release-v3.toml", "configs/release-v2.toml")
+# The recipes of one schedule from a random init, and the command that trains each.
+ONE_SCHEDULE_RECIPES = {
+    "configs/release-v3.toml": "scripts/train_release.sh DATA_DIR RUN_DIR release-v3",
+    "configs/release-v2.toml": "scripts/train_release.sh DATA_DIR RUN_DIR release-v2",
+    "configs/release-gpu.toml": "scripts/gpu_train.sh train release-gpu SECONDS (on a GPU machine, from "
+                                "scripts/gpu_bundle.sh's parts; README 'Training on a borrowed GPU')",
+}
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
@@ -66,8 +71,10 @@ def stages(run: Path) -> list[Path]:
 def recipe_of(run: Path, config: TrainConfig) -> str:
     """The file in configs/ that run was trained with: the one whose settings it
     has (the starting weights aside), so the manifest names stages by content."""
+    # How the run executed (data workers, steps per execution, device) is no part of its recipe.
+    kept = {key: getattr(config, key) for key in ("initial_weights", *EXECUTION_KEYS)}
     for path in sorted(configs_dir().glob("release*.toml")):
-        if load_config(path, initial_weights=config.initial_weights) == config:
+        if load_config(path, **kept) == config:
             return f"configs/{path.name}"
     sys.exit(f"error: no configs/release*.toml has the settings of {RunFolder(run).config_path}")
 
@@ -158,7 +165,7 @@ def ship(last_stage: Path, data_dir: str) -> dict:
     check_beats_shipped(float(best["val_accuracy"]), configs[-1])
     summary = run_summary(shipped)
     one_schedule = len(recipes) == 1 and recipes[0] in ONE_SCHEDULE_RECIPES
-    command = (f"scripts/train_release.sh DATA_DIR RUN_DIR {Path(recipes[0]).stem}" if one_schedule else
+    command = (ONE_SCHEDULE_RECIPES[recipes[0]] if one_schedule else
                "allcnn train --config RECIPE, each stage with --initial-weights PREVIOUS_STAGE/last.weights.h5")
     produced = {"recipe": recipes if len(recipes) > 1 else recipes[0],
                 "command": command,

@@ -6,13 +6,18 @@ import importlib.util
 import json
 import os
 import stat
+import pickle
 import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from allcnn.config import load_config
 from allcnn.manifest import sha256
+from conftest import write_cifar_folder
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -133,6 +138,20 @@ def test_ship_weights_refuses_a_run_that_does_not_beat_the_shipped_weights(tmp_p
     assert json.loads((weights / "manifest.json").read_text())["weights"][0]["accuracy"]["val_top1"] == 0.61
 
 
+def test_ship_weights_names_the_gpu_recipe_and_its_command_however_the_run_executed(tmp_path, cifar_dir,
+                                                                                    monkeypatch):
+    ship = _ship_weights()
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    monkeypatch.setattr(ship, "WEIGHTS", weights)
+    run = _trained_stage(tmp_path, "gpu", "release-gpu", [0.5, 0.6], data_workers=2, steps_per_execution=1)
+    monkeypatch.setattr("sys.argv", ["ship_weights.py", str(run), "--data-dir", str(cifar_dir)])
+    ship.main()
+    produced = json.loads((weights / "manifest.json").read_text())["weights"][0]["produced"]
+    assert produced["recipe"] == "configs/release-gpu.toml"
+    assert produced["command"].startswith("scripts/gpu_train.sh train release-gpu SECONDS")
+
+
 def test_ship_weights_fails_in_one_line_and_leaves_weights_as_they_were(tmp_path, cifar_dir, monkeypatch, capsys):
     ship = _ship_weights()
     weights = tmp_path / "weights"
@@ -195,3 +214,73 @@ def test_train_release_trains_then_resumes_one_schedule(tmp_path):
         f"allcnn train --resume --out {run} --data-dir DATA",
         f"python ship_weights.py {run} --data-dir DATA",
     ]
+
+
+def test_pack_cifar_round_trips_the_batches_it_is_given(tmp_path, cifar_dir):
+    folder = cifar_dir / "cifar-10-batches-py"
+    packed, unpacked = tmp_path / "packed", tmp_path / "unpacked"
+    subprocess.run([sys.executable, str(SCRIPTS / "pack_cifar.py"), "pack", str(folder), str(packed),
+                    "data_batch_2", "test_batch"], check=True)
+    assert sorted(path.name for path in packed.glob("*.webp")) == ["data_batch_2.webp", "test_batch.webp"]
+    subprocess.run([sys.executable, str(SCRIPTS / "pack_cifar.py"), "unpack", str(packed), str(unpacked)], check=True)
+    for name in ("data_batch_2", "test_batch", "batches.meta"):
+        with open(folder / name, "rb") as f, open(unpacked / name, "rb") as g:
+            original, copy = pickle.load(f, encoding="bytes"), pickle.load(g, encoding="bytes")
+        for key in (b"data", b"labels", b"label_names"):
+            if key in original:
+                np.testing.assert_array_equal(copy[key], original[key])
+
+
+# As on the GPU machines: `import tensorflow` fails and importlib finds no such module.
+NO_TENSORFLOW = "import sys\nsys.modules.update(tensorflow=None, tf_keras=None)\n"
+
+
+def _gpu_train(tmp_path: Path, bundle: Path, work: str, out: str, *args: str) -> subprocess.CompletedProcess:
+    """scripts/gpu_train.sh as a device call runs it: from the repo root, $OUT set, no TensorFlow."""
+    site = tmp_path / "no-tensorflow"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(NO_TENSORFLOW)
+    (tmp_path / out).mkdir()
+    env = os.environ | {"ALLCNN_GPU_BUNDLE": str(bundle), "ALLCNN_GPU_WORK": str(tmp_path / work),
+                        "OUT": str(tmp_path / out), "PYTHON": sys.executable, "PYTHONPATH": str(site)}
+    return subprocess.run(["bash", str(SCRIPTS / "gpu_train.sh"), *args], cwd=SCRIPTS.parent, env=env,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_gpu_train_trains_from_two_parts_under_jax_without_tensorflow_and_resumes_elsewhere(tmp_path):
+    folder = write_cifar_folder(tmp_path / "data", per_batch=40)
+    bundle = tmp_path / "bundle"
+    for part, names in (("part1", ["data_batch_1", "data_batch_2", "data_batch_3"]),
+                        ("part2", ["data_batch_4", "data_batch_5", "test_batch"])):
+        subprocess.run([sys.executable, str(SCRIPTS / "pack_cifar.py"), "pack", str(folder),
+                        str(bundle / part / "data"), *names], check=True)
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(load_config(epochs=2, batch_size=16, val_size=40, lr=0.01, precision="float32",
+                                  data_workers=2, steps_per_execution=2).to_toml())
+
+    first = _gpu_train(tmp_path, bundle, "machine1", "out1", "train", str(recipe), "600")
+    assert first.returncode == 0, first.stdout + first.stderr
+    with tarfile.open(tmp_path / "out1" / "run.tar") as tar:
+        names = {Path(name).name for name in tar.getnames()}
+        summary = json.load(tar.extractfile("./summary.json"))
+    assert {"best.weights.h5", "history.csv", "config.toml", "preprocessing.json"} <= names
+    assert "last.weights.h5" not in names and summary["epochs"] == 2 and summary["backend"] == "jax"
+    with tarfile.open(tmp_path / "out1" / "backup.tar") as tar:
+        assert any(name.endswith(".weights.h5") for name in tar.getnames())
+
+    # A fresh machine, the run carried back as .gpu/run: it resumes (here: finished, it trains nothing).
+    (bundle / "run").mkdir()
+    for name in ("run.tar", "backup.tar"):
+        (bundle / "run" / name).write_bytes((tmp_path / "out1" / name).read_bytes())
+    again = _gpu_train(tmp_path, bundle, "machine2", "out2", "train", str(recipe), "600")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (tmp_path / "machine2" / "run" / "config.toml").is_file()
+    with tarfile.open(tmp_path / "out2" / "run.tar") as tar:
+        assert json.load(tar.extractfile("./summary.json")) == summary
+
+
+def test_gpu_train_without_part1_says_to_run_setup_first(tmp_path):
+    (tmp_path / "bundle").mkdir()
+    result = _gpu_train(tmp_path, tmp_path / "bundle", "machine", "out", "train", "release-gpu", "60")
+    assert result.returncode == 2 and result.stderr.startswith("error: this machine lacks data_batch_1 ")
