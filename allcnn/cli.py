@@ -81,8 +81,8 @@ def main(debug: bool) -> None:
 @main.command()
 @click.option("--config", "config_path", default="paper", show_default=True,
               help="A TOML recipe: a path, or the name of one in configs/ "
-                   "(paper, paper-cifar100, finetune, tutorial, release-v3, release-v2, release-stage1, release, "
-                   "release-stage3).")
+                   "(paper, paper-cifar100, finetune, tutorial, release-v3, release-v2, release-gpu, "
+                   "release-stage1, release, release-stage3).")
 @click.option("--epochs", type=click.IntRange(min=1))
 @click.option("--batch-size", type=click.IntRange(min=1))
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")

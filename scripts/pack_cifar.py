@@ -10,7 +10,6 @@ travels in parts and is rebuilt there in the official pickle layout.
 BATCH names the batches to pack (e.g. data_batch_1 data_batch_2); default all.
 """
 
-import io
 import math
 import pickle
 import sys
