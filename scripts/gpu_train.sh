@@ -3,16 +3,19 @@
 # .gpu/ that scripts/gpu_bundle.sh makes here, one part per call of the device tool (each
 # call carries 64 MiB with the repo):
 #   carry [".gpu/part1"]: bash scripts/gpu_train.sh setup
-#   carry [".gpu/part2"]: bash scripts/gpu_train.sh train release-gpu 540
+#   carry [".gpu/part2"]: bash scripts/gpu_train.sh train release-gpu 570
 # The machine keeps what a call installed and unpacked for the 30 s it stays warm, so each
 # call must follow the last at once. Every mode first installs Keras (part 1's wheels) if
 # it is missing, unpacks the data parts carried, and a run carried as .gpu/run (run.tar and
-# backup.tar from an earlier call's $OUT: carry it alone, with `unpack`, between the two).
-#   setup: then measures the GPU (`allcnn benchmark`, to $OUT/benchmark.txt).
+# backup.tar.gz from an earlier call's $OUT: carry it alone, with `unpack`, between the two).
+#   setup: then names the GPU that JAX sees.
 #   unpack: nothing more.
+#   benchmark: then measures the train step (`allcnn benchmark`, to $OUT/benchmark.txt);
+#     the run's own epochs (history.csv, summary.json) give its real images/s anyway.
 #   train RECIPE SECONDS: trains RECIPE (or resumes the run there) for at most SECONDS,
 #     then kills it (kill -9 leaves the run folder resumable), and puts in $OUT: run.tar
-#     (the run folder but its backup: enough to ship), backup.tar (to resume), train.log.
+#     (the run folder but its backup: enough to ship), backup.tar.gz (to resume; ~15 MiB,
+#     and a file comes back only under 16 MiB), train.log.
 set -euo pipefail
 bundle=${ALLCNN_GPU_BUNDLE:-.gpu}
 work=${ALLCNN_GPU_WORK:-/tmp/allcnn-gpu}
@@ -36,7 +39,7 @@ prepare() {
     if [ -f "$bundle/run/run.tar" ] && [ ! -f "$run/config.toml" ]; then
         mkdir -p "$run"
         tar -xf "$bundle/run/run.tar" -C "$run"
-        tar -xf "$bundle/run/backup.tar" -C "$run"
+        tar -xzf "$bundle/run/backup.tar.gz" -C "$run"
     fi
 }
 
@@ -50,11 +53,14 @@ missing() {  # what `train` needs and this machine lacks, in words
 case ${1:-} in
 setup)
     prepare
-    "$python" -m allcnn benchmark --device gpu --batch-size 128 --steps 20 \
-        --repeats 3 | tee "$OUT/benchmark.txt"
+    "$python" -c "import jax; print('JAX', jax.__version__, jax.devices())"
     ;;
 unpack)
     prepare
+    ;;
+benchmark)
+    prepare
+    "$python" -m allcnn benchmark --device gpu --batch-size 128 --steps 20 --repeats 3 | tee "$OUT/benchmark.txt"
     ;;
 train)
     recipe=${2:?usage: gpu_train.sh train RECIPE SECONDS}
@@ -72,15 +78,15 @@ train)
     status=${PIPESTATUS[0]}
     set -e
     tar -cf "$OUT/run.tar" -C "$run" --exclude=./backup --exclude=./last.weights.h5 --exclude=./logs .
-    tar -cf "$OUT/backup.tar" -C "$run" ./backup
+    tar -czf "$OUT/backup.tar.gz" -C "$run" ./backup
     if [ "$status" = 137 ]; then
-        echo "stopped after $seconds s: carry run.tar and backup.tar as .gpu/run to resume"
+        echo "stopped after $seconds s: carry run.tar and backup.tar.gz as .gpu/run to resume"
     elif [ "$status" != 0 ]; then
         exit "$status"
     fi
     ;;
 *)
-    echo "usage: gpu_train.sh setup | unpack | train RECIPE SECONDS" >&2
+    echo "usage: gpu_train.sh setup | unpack | benchmark | train RECIPE SECONDS" >&2
     exit 2
     ;;
 esac

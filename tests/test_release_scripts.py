@@ -266,12 +266,14 @@ def test_gpu_train_trains_from_two_parts_under_jax_without_tensorflow_and_resume
         summary = json.load(tar.extractfile("./summary.json"))
     assert {"best.weights.h5", "history.csv", "config.toml", "preprocessing.json"} <= names
     assert "last.weights.h5" not in names and summary["epochs"] == 2 and summary["backend"] == "jax"
-    with tarfile.open(tmp_path / "out1" / "backup.tar") as tar:
+    with tarfile.open(tmp_path / "out1" / "backup.tar.gz") as tar:
         assert any(name.endswith(".weights.h5") for name in tar.getnames())
+    # A device call brings back files under 16 MiB: the backup holds weights, momentum and average.
+    assert (tmp_path / "out1" / "backup.tar.gz").stat().st_size < 16 * 2**20
 
     # A fresh machine, the run carried back as .gpu/run: it resumes (here: finished, it trains nothing).
     (bundle / "run").mkdir()
-    for name in ("run.tar", "backup.tar"):
+    for name in ("run.tar", "backup.tar.gz"):
         (bundle / "run" / name).write_bytes((tmp_path / "out1" / name).read_bytes())
     again = _gpu_train(tmp_path, bundle, "machine2", "out2", "train", str(recipe), "600")
     assert again.returncode == 0, again.stdout + again.stderr
