@@ -6,16 +6,17 @@
 #   carry [".gpu/part2"]: bash scripts/gpu_train.sh train release-gpu 570
 # The machine keeps what a call installed and unpacked for the 30 s it stays warm, so each
 # call must follow the last at once. Every mode first installs Keras (part 1's wheels) if
-# it is missing, unpacks the data parts carried, and a run carried as .gpu/run (run.tar and
+# it is missing, unpacks the data parts carried, and a run carried as .gpu/run (run.tar.gz and
 # backup.tar.gz from an earlier call's $OUT: carry it alone, with `unpack`, between the two).
 #   setup: then names the GPU that JAX sees.
 #   unpack: nothing more.
 #   benchmark: then measures the train step (`allcnn benchmark`, to $OUT/benchmark.txt);
 #     the run's own epochs (history.csv, summary.json) give its real images/s anyway.
 #   train RECIPE SECONDS: trains RECIPE (or resumes the run there) for at most SECONDS,
-#     then kills it (kill -9 leaves the run folder resumable), and puts in $OUT: run.tar
-#     (the run folder but its backup: enough to ship), backup.tar.gz (to resume; ~15 MiB,
-#     and a file comes back only under 16 MiB), train.log.
+#     then kills it (kill -9 leaves the run folder resumable), and puts in $OUT: run.tar.gz
+#     (the run folder but its backup: enough to ship), backup.tar.gz (to resume), train.log.
+#     Gzipped: each weights file holds the optimizer state too (16.5 MB), and a file
+#     comes back only under 16 MiB.
 set -euo pipefail
 bundle=${ALLCNN_GPU_BUNDLE:-.gpu}
 work=${ALLCNN_GPU_WORK:-/tmp/allcnn-gpu}
@@ -36,9 +37,9 @@ prepare() {
             touch "$done_mark"
         fi
     done
-    if [ -f "$bundle/run/run.tar" ] && [ ! -f "$run/config.toml" ]; then
+    if [ -f "$bundle/run/run.tar.gz" ] && [ ! -f "$run/config.toml" ]; then
         mkdir -p "$run"
-        tar -xf "$bundle/run/run.tar" -C "$run"
+        tar -xzf "$bundle/run/run.tar.gz" -C "$run"
         tar -xzf "$bundle/run/backup.tar.gz" -C "$run"
     fi
 }
@@ -77,10 +78,10 @@ train)
         tee "$OUT/train.log"
     status=${PIPESTATUS[0]}
     set -e
-    tar -cf "$OUT/run.tar" -C "$run" --exclude=./backup --exclude=./last.weights.h5 --exclude=./logs .
+    tar -czf "$OUT/run.tar.gz" -C "$run" --exclude=./backup --exclude=./last.weights.h5 --exclude=./logs .
     tar -czf "$OUT/backup.tar.gz" -C "$run" ./backup
     if [ "$status" = 137 ]; then
-        echo "stopped after $seconds s: carry run.tar and backup.tar.gz as .gpu/run to resume"
+        echo "stopped after $seconds s: carry run.tar.gz and backup.tar.gz as .gpu/run to resume"
     elif [ "$status" != 0 ]; then
         exit "$status"
     fi
