@@ -78,8 +78,10 @@ train)
         tee "$OUT/train.log"
     status=${PIPESTATUS[0]}
     set -e
-    tar -czf "$OUT/run.tar.gz" -C "$run" --exclude=./backup --exclude=./last.weights.h5 --exclude=./logs .
-    tar -czf "$OUT/backup.tar.gz" -C "$run" ./backup
+    if [ -d "$run/backup" ]; then  # an epoch completed (a run refused at its start has none)
+        tar -czf "$OUT/run.tar.gz" -C "$run" --exclude=./backup --exclude=./last.weights.h5 --exclude=./logs .
+        tar -czf "$OUT/backup.tar.gz" -C "$run" ./backup
+    fi
     if [ "$status" = 137 ]; then
         echo "stopped after $seconds s: carry run.tar.gz and backup.tar.gz as .gpu/run to resume"
     elif [ "$status" != 0 ]; then
