@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import stat
 import pickle
+import stat
 import subprocess
 import sys
 import tarfile
@@ -216,13 +216,16 @@ def test_train_release_trains_then_resumes_one_schedule(tmp_path):
     ]
 
 
+def _pack_cifar(*args) -> None:
+    subprocess.run([sys.executable, str(SCRIPTS / "pack_cifar.py"), *map(str, args)], check=True)
+
+
 def test_pack_cifar_round_trips_the_batches_it_is_given(tmp_path, cifar_dir):
     folder = cifar_dir / "cifar-10-batches-py"
     packed, unpacked = tmp_path / "packed", tmp_path / "unpacked"
-    subprocess.run([sys.executable, str(SCRIPTS / "pack_cifar.py"), "pack", str(folder), str(packed),
-                    "data_batch_2", "test_batch"], check=True)
+    _pack_cifar("pack", folder, packed, "data_batch_2", "test_batch")
     assert sorted(path.name for path in packed.glob("*.webp")) == ["data_batch_2.webp", "test_batch.webp"]
-    subprocess.run([sys.executable, str(SCRIPTS / "pack_cifar.py"), "unpack", str(packed), str(unpacked)], check=True)
+    _pack_cifar("unpack", packed, unpacked)
     for name in ("data_batch_2", "test_batch", "batches.meta"):
         with open(folder / name, "rb") as f, open(unpacked / name, "rb") as g:
             original, copy = pickle.load(f, encoding="bytes"), pickle.load(g, encoding="bytes")
@@ -253,8 +256,7 @@ def test_gpu_train_trains_from_two_parts_under_jax_without_tensorflow_and_resume
     bundle = tmp_path / "bundle"
     for part, names in (("part1", ["data_batch_1", "data_batch_2", "data_batch_3"]),
                         ("part2", ["data_batch_4", "data_batch_5", "test_batch"])):
-        subprocess.run([sys.executable, str(SCRIPTS / "pack_cifar.py"), "pack", str(folder),
-                        str(bundle / part / "data"), *names], check=True)
+        _pack_cifar("pack", folder, bundle / part / "data", *names)
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(load_config(epochs=2, batch_size=16, val_size=40, lr=0.01, precision="float32",
                                   data_workers=2, steps_per_execution=2).to_toml())
