@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
 from allcnn.config import TrainConfig, load_config
@@ -24,6 +25,7 @@ from allcnn.preprocessing import Preprocessing
 # Keras' BackupAndRestore names; a backup made by an earlier version has them too.
 _BACKUP_MARKER = "training_metadata.json"
 _KERAS_BACKUP_WEIGHTS = "latest.weights.h5"
+SESSION_FIELDS = ("started", "first_epoch", "device", "precision", "backend")
 
 
 class RunError(AllcnnError, RuntimeError):
@@ -67,6 +69,7 @@ class RunFolder:
     curves_path = property(lambda self: self.path / "curves.png", doc="Loss, accuracy and lr per epoch.")
     classes_path = property(lambda self: self.path / "classes.json", doc="The class names, in label order.")
     summary_path = property(lambda self: self.path / "summary.json", doc="Totals of all sessions.")
+    sessions_path = property(lambda self: self.path / "sessions.csv", doc="Each session's first epoch and machine.")
     distribution_path = property(lambda self: self.path / "distribution.json", doc="Replicas and global batch.")
     logs_dir = property(lambda self: self.path / "logs", doc="TensorBoard's.")
     backup_dir = property(lambda self: self.path / "backup", doc="What --resume continues from.")
@@ -136,6 +139,45 @@ class RunFolder:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.summary_path, json.dumps(summary, indent=2))
+
+    # --- sessions.csv ---------------------------------------------------------------
+
+    def record_session(self, first_epoch: int, device: str, precision: str, backend: str) -> None:
+        """Appends the session that trains from `first_epoch` on: a run may take several
+        sessions on different machines, and summary.json, written only when a session ends
+        normally, names the last one alone."""
+        rows = self.read_sessions()
+        rows.append({"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "first_epoch": first_epoch, "device": device, "precision": precision, "backend": backend})
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=SESSION_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.sessions_path, text.getvalue())
+
+    def read_sessions(self) -> list[dict]:
+        """sessions.csv's rows, oldest first (none for a run made before sessions were recorded)."""
+        if not self.sessions_path.exists():
+            return []
+        with self.sessions_path.open(newline="") as f:
+            return [row | {"first_epoch": int(row["first_epoch"])} for row in csv.DictReader(f)]
+
+    def machines(self, epochs: int) -> list[dict]:
+        """Which machine trained which of the first `epochs` epochs: one entry (device, precision,
+        backend, first and last epoch, counted from 1) per stretch of sessions on the same one."""
+        stretches: list[dict] = []
+        sessions = self.read_sessions()
+        ends = [row["first_epoch"] for row in sessions[1:]] + [epochs]
+        for row, end in zip(sessions, ends):
+            first, last = row["first_epoch"] + 1, min(end, epochs)
+            if last < first:  # stopped before its first epoch ended
+                continue
+            machine = {key: row[key] for key in ("device", "precision", "backend")}
+            if stretches and {key: stretches[-1][key] for key in machine} == machine:
+                stretches[-1]["last_epoch"] = last
+            else:
+                stretches.append(machine | {"first_epoch": first, "last_epoch": last})
+        return stretches
 
     # --- history.csv ---------------------------------------------------------------
 

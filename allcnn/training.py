@@ -354,6 +354,8 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
         prepare(layout, names)
     train_batches, val_batches = make_batches(config, run, train_split, val_split, replicas, layout, len(names))
     start_epoch = run.restored_epoch()
+    if replicas.is_chief and start_epoch < config.total_epochs:
+        run.record_session(start_epoch, hardware.describe(gpu), policy, keras.backend.backend())
     elapsed, model = 0.0, None
     for phase in phases(config):
         if phase.end <= start_epoch:
@@ -449,7 +451,8 @@ def make_batches(config: TrainConfig, run: RunFolder, train_split: tuple, val_sp
 
 def make_summary(run: RunFolder, config: TrainConfig, history: list[dict], policy: str, gpu, n_train: int,
                  start_epoch: int, elapsed: float) -> dict:
-    """What summary.json holds: totals over all sessions of the run, plus this session's speed.
+    """What summary.json holds: totals over all sessions of the run and which machines trained
+    which epochs, plus this session's speed, device and precision.
 
     A resume that trains no epoch (the run had finished) keeps the summary as it
     was: this session's device and precision did not produce the weights.
@@ -468,6 +471,7 @@ def make_summary(run: RunFolder, config: TrainConfig, history: list[dict], polic
         "backend": keras.backend.backend(),
         "best_val_accuracy": best_val_accuracy(history),
         "last_val_accuracy": float(history[-1]["val_accuracy"]) if history else None,
+        "machines": run.machines(len(history)),
     }
     return summary
 

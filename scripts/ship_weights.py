@@ -42,17 +42,32 @@ ONE_SCHEDULE_RECIPES = {
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
-def run_summary(run: Path) -> dict:
-    """summary.json of a finished run; for one still training (shipping an interim
-    best), what this machine would write, since the run trains here."""
-    summary = RunFolder(run).read_summary("device", "precision", "backend")
-    if summary is not None:
-        return summary
-    import keras
+def machines_of(run: Path) -> list[dict]:
+    """Which machines trained which epochs of `run`: its sessions.csv; for a run made before
+    sessions were recorded, summary.json's device, or this machine's while it still trains here."""
+    folder = RunFolder(run)
+    epochs = folder.restored_epoch()
+    recorded = folder.machines(epochs)
+    if recorded:
+        return recorded
+    summary = folder.read_summary("device", "precision", "backend")
+    if summary is None:
+        import keras
 
-    config = RunFolder(run).read_config()
-    return {"device": hardware.describe(None), "backend": keras.backend.backend(),
-            "precision": hardware.resolve_precision(config.precision, None)[0]}
+        summary = {"device": hardware.describe(None), "backend": keras.backend.backend(),
+                   "precision": hardware.resolve_precision(folder.read_config().precision, None)[0]}
+    return [{key: summary[key] for key in ("device", "precision", "backend")} | {"first_epoch": 1,
+                                                                                 "last_epoch": epochs}]
+
+
+def describe_machines(machines: list[dict]) -> dict:
+    """The manifest's hardware, precision and backend; with the epochs of each where several machines trained."""
+    def joined(key: str) -> str:
+        return "; ".join(dict.fromkeys(machine[key] for machine in machines))
+
+    hardware_text = (joined("device") if len(machines) == 1 else "; ".join(
+        f"{m['device']} (epochs {m['first_epoch']}-{m['last_epoch']})" for m in machines))
+    return {"hardware": hardware_text, "precision": joined("precision"), "backend": joined("backend")}
 
 
 def stages(run: Path) -> list[Path]:
@@ -163,7 +178,6 @@ def ship(last_stage: Path, data_dir: str) -> dict:
     _, (x_test, y_test) = load_cifar10(data_dir)
     best = max(history, key=lambda row: float(row["val_accuracy"]))
     check_beats_shipped(float(best["val_accuracy"]), configs[-1])
-    summary = run_summary(shipped)
     one_schedule = len(recipes) == 1 and recipes[0] in ONE_SCHEDULE_RECIPES
     command = (ONE_SCHEDULE_RECIPES[recipes[0]] if one_schedule else
                "allcnn train --config RECIPE, each stage with --initial-weights PREVIOUS_STAGE/last.weights.h5")
@@ -174,7 +188,7 @@ def ship(last_stage: Path, data_dir: str) -> dict:
                 "best_epoch": int(best["epoch"]) + 1,
                 "train_hours": round(sum(float(r["epoch_seconds"]) for r in history) / 3600, 2),
                 "hours_to_90_val": hours_to(history, 0.90),
-                "hardware": summary["device"], "precision": summary["precision"], "backend": summary["backend"]}
+                **describe_machines(machines_of(shipped))}
 
     target = WEIGHTS / f"{NAME}.weights.h5"
     with atomic_write(target, suffix=".weights.h5") as pending:

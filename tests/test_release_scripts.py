@@ -17,6 +17,7 @@ import pytest
 
 from allcnn.config import load_config
 from allcnn.manifest import sha256
+from allcnn.run_folder import RunFolder
 from conftest import write_cifar_folder
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -75,7 +76,6 @@ def _trained_stage(root: Path, name: str, recipe: str, val_accuracies: list[floa
     """A finished stage: config, preprocessing, best weights, history and backup marker."""
     from allcnn.model import build_model
     from allcnn.preprocessing import Preprocessing
-    from allcnn.run_folder import RunFolder
 
     run = _run_folder(root, name, recipe, **overrides)
     Preprocessing("standardize", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]).save(run / "preprocessing.json")
@@ -144,12 +144,17 @@ def test_ship_weights_names_the_gpu_recipe_and_its_command_however_the_run_execu
     weights = tmp_path / "weights"
     weights.mkdir()
     monkeypatch.setattr(ship, "WEIGHTS", weights)
-    run = _trained_stage(tmp_path, "gpu", "release-gpu", [0.5, 0.6], data_workers=2, steps_per_execution=1)
+    run = _trained_stage(tmp_path, "gpu", "release-gpu", [0.5, 0.6, 0.7], data_workers=2, steps_per_execution=1)
+    # Begun on a CPU, moved to a GPU: the manifest names both, with their epochs.
+    RunFolder(run).record_session(0, "CPU test", "float32", "tensorflow")
+    RunFolder(run).record_session(1, "GPU test", "mixed_bfloat16", "jax")
     monkeypatch.setattr("sys.argv", ["ship_weights.py", str(run), "--data-dir", str(cifar_dir)])
     ship.main()
     produced = json.loads((weights / "manifest.json").read_text())["weights"][0]["produced"]
     assert produced["recipe"] == "configs/release-gpu.toml"
     assert produced["command"].startswith("scripts/gpu_train.sh train release-gpu SECONDS")
+    assert produced["hardware"] == "CPU test (epochs 1-1); GPU test (epochs 2-3)"
+    assert (produced["precision"], produced["backend"]) == ("float32; mixed_bfloat16", "tensorflow; jax")
 
 
 def test_ship_weights_fails_in_one_line_and_leaves_weights_as_they_were(tmp_path, cifar_dir, monkeypatch, capsys):

@@ -264,6 +264,18 @@ def test_trim_history_drops_duplicates_and_partial_lines(tmp_path):
     assert path.read_text() == "epoch,loss\n0,1.0\n1,0.9\n2,0.8\n"
 
 
+def test_sessions_say_which_machine_trained_which_epochs(tmp_path):
+    run = RunFolder(tmp_path)
+    for first, device in [(0, "CPU A"), (2, "CPU A"), (4, "CPU A"), (4, "GPU B"), (9, "CPU A")]:
+        run.record_session(first, device, "float32", "tensorflow")
+    # The session begun at epoch 4 on A was stopped before its first epoch ended; B trained 5-9.
+    assert [(m["device"], m["first_epoch"], m["last_epoch"]) for m in run.machines(10)] == [
+        ("CPU A", 1, 4), ("GPU B", 5, 9), ("CPU A", 10, 10)]
+    assert [m["last_epoch"] for m in run.machines(6)] == [4, 6]  # epochs after a rollback are not counted
+    assert [row["first_epoch"] for row in run.read_sessions()] == [0, 2, 4, 4, 9]
+    assert RunFolder(tmp_path / "older").machines(3) == []
+
+
 def _run_cli(args, **kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.Popen([sys.executable, "-m", "allcnn", "train", *args], env=env,
@@ -302,9 +314,11 @@ def test_kill_9_during_epoch_2_then_resume_matches_uninterrupted(tmp_path, ema):
     assert _history(killed) == _history(reference)
     summary = (killed / "summary.json").read_text()
     assert json.loads(summary)["epochs"] == 3
+    assert [(m["first_epoch"], m["last_epoch"]) for m in json.loads(summary)["machines"]] == [(1, 3)]
     # Resuming a finished run trains nothing and keeps the summary of the sessions that trained.
     assert _train("--resume", "--out", str(killed), "--data-dir", str(data)).exit_code == 0
     assert (killed / "summary.json").read_text() == summary
+    assert [row["first_epoch"] for row in RunFolder(killed).read_sessions()] == [0, 1]
 
 
 def test_data_workers_and_steps_per_execution_train_the_same_weights(cifar_dir, tmp_path):
