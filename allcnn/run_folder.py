@@ -25,7 +25,8 @@ from allcnn.preprocessing import Preprocessing
 # Keras' BackupAndRestore names; a backup made by an earlier version has them too.
 _BACKUP_MARKER = "training_metadata.json"
 _KERAS_BACKUP_WEIGHTS = "latest.weights.h5"
-SESSION_FIELDS = ("started", "first_epoch", "device", "precision", "backend")
+MACHINE_FIELDS = ("device", "precision", "backend")  # what says which machine trained an epoch
+SESSION_FIELDS = ("started", "first_epoch", *MACHINE_FIELDS)
 
 
 class RunError(AllcnnError, RuntimeError):
@@ -172,8 +173,8 @@ class RunFolder:
             first, last = row["first_epoch"] + 1, min(end, epochs)
             if last < first:  # stopped before its first epoch ended
                 continue
-            machine = {key: row[key] for key in ("device", "precision", "backend")}
-            if stretches and {key: stretches[-1][key] for key in machine} == machine:
+            machine = {key: row[key] for key in MACHINE_FIELDS}
+            if stretches and {key: stretches[-1][key] for key in MACHINE_FIELDS} == machine:
                 stretches[-1]["last_epoch"] = last
             else:
                 stretches.append(machine | {"first_epoch": first, "last_epoch": last})

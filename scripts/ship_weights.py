@@ -27,7 +27,7 @@ from allcnn.files import atomic_write, atomic_write_text
 from allcnn.inference import load_classifier
 from allcnn.plots import plot_history
 from allcnn.resources import configs_dir
-from allcnn.run_folder import RunError, RunFolder, best_val_accuracy
+from allcnn.run_folder import MACHINE_FIELDS, RunError, RunFolder, best_val_accuracy
 from allcnn.manifest import manifest_entry, write_manifest_entry
 from allcnn.weights_io import WeightsError
 
@@ -50,14 +50,13 @@ def machines_of(run: Path) -> list[dict]:
     recorded = folder.machines(epochs)
     if recorded:
         return recorded
-    summary = folder.read_summary("device", "precision", "backend")
+    summary = folder.read_summary(*MACHINE_FIELDS)
     if summary is None:
         import keras
 
         summary = {"device": hardware.describe(None), "backend": keras.backend.backend(),
                    "precision": hardware.resolve_precision(folder.read_config().precision, None)[0]}
-    return [{key: summary[key] for key in ("device", "precision", "backend")} | {"first_epoch": 1,
-                                                                                 "last_epoch": epochs}]
+    return [{key: summary[key] for key in MACHINE_FIELDS} | {"first_epoch": 1, "last_epoch": epochs}]
 
 
 def describe_machines(machines: list[dict]) -> dict:
