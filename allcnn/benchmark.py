@@ -154,15 +154,17 @@ class _EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def train_rate(policy: str, batch_size: int, steps: int, repeats: int, feed: str = "tensors") -> Spread:
-    """Images/s of `model.fit` compiled exactly as `allcnn train` compiles it (SGD Nesterov, L2).
+def train_rate(policy: str, batch_size: int, steps: int, repeats: int, feed: str = "tensors",
+               batch_norm: bool = False) -> Spread:
+    """Images/s of `model.fit` compiled exactly as `allcnn train` compiles it (SGD Nesterov, L2),
+    with `batch_norm` the network a batch-norm recipe trains (configs/release-bn.toml).
 
     feed="tensors" repeats one in-memory batch, so only the train step counts;
     feed="pipeline" feeds `allcnn train`'s augmenting `CifarBatches`, so the
     figure includes the pipeline as `allcnn train` runs it.
     """
     with dtype_policy(policy):
-        model = compile_model(make_config(batch_size=batch_size, precision=policy), steps)
+        model = compile_model(make_config(batch_size=batch_size, precision=policy, batch_norm=batch_norm), steps)
     if feed == "pipeline":
         data, steps_per_epoch = synthetic_pipeline(batch_size, steps), None
     else:
@@ -229,6 +231,11 @@ def run_benchmark(precision: str = "auto", batch_sizes: tuple[int, ...] = (128,)
     """
     configure_threads(intra_threads, inter_threads)
     gpu = hardware.select_device(device)
+    cases = [(policy, reason, batch_size) for policy, reason in policies(precision, gpu) for batch_size in batch_sizes]
+    # allcnn train runs batch norm without op determinism (allcnn.training._configure), and
+    # TensorFlow cannot turn it off again within a process: the batch-norm steps come first.
+    batch_norm = {(policy, batch_size): train_rate(policy, batch_size, steps, repeats, feed, batch_norm=True)
+                  for policy, _, batch_size in cases}
     if gpu is None and deterministic:
         tf.config.experimental.enable_op_determinism()
     ceilings = {"float32": matmul_ceiling("float32", repeats)}
@@ -236,20 +243,21 @@ def run_benchmark(precision: str = "auto", batch_sizes: tuple[int, ...] = (128,)
         ceilings["bfloat16"] = matmul_ceiling("bfloat16", repeats)
     flops = model_flops(build_model())
     runs = []
-    for policy, reason in policies(precision, gpu):
+    for policy, reason, batch_size in cases:
         ceiling_dtype = "bfloat16" if policy == "mixed_bfloat16" and "bfloat16" in ceilings else "float32"
-        for batch_size in batch_sizes:
-            train = train_rate(policy, batch_size, steps, repeats, feed)
-            infer = infer_rate(policy, batch_size, steps, repeats)
-            runs.append({"precision": policy, "reason": reason, "batch_size": batch_size, "ceiling": ceiling_dtype,
-                         "train": _figures(train, flops["train"], ceilings[ceiling_dtype]),
-                         "infer": _figures(infer, flops["forward"], ceilings[ceiling_dtype])})
+        rates = {"train": (train_rate(policy, batch_size, steps, repeats, feed), flops["train"]),
+                 "train_bn": (batch_norm[policy, batch_size], flops["train"]),
+                 "infer": (infer_rate(policy, batch_size, steps, repeats), flops["forward"])}
+        runs.append({"precision": policy, "reason": reason, "batch_size": batch_size, "ceiling": ceiling_dtype,
+                     **{task: _figures(rate, work, ceilings[ceiling_dtype]) for task, (rate, work) in rates.items()}})
     return {
         "machine": machine(gpu),
         "protocol": {"steps": steps, "repeats": repeats, "warmup_repetitions": 1, "feed": feed,
                      "infer_path": "allcnn.inference.Classifier: uint8 in, preprocessing, compiled forward",
                      "deterministic": deterministic and gpu is None, "matmul_size": MATMUL_SIZE,
                      "flops": "conv multiply-adds x2; train = 3x forward",
+                     "train_bn": "training with a batch norm after every conv (release-bn), its FLOPs not counted, "
+                                 "op determinism off as allcnn train runs it",
                      "percent_of_ceiling": "median GFLOP/s / best matmul repetition"},
         "flops_per_image": flops,
         "ceiling_gflops": {dtype: asdict(spread) for dtype, spread in ceilings.items()},
@@ -280,12 +288,14 @@ def format_table(result: dict) -> str:
               for b, s in result["pipeline_images_per_s"].items()]
     reasons = {run["precision"]: run["reason"] for run in result["runs"]}
     lines += [f"precision {policy}: {reason}" for policy, reason in reasons.items()]
-    header = f"{'precision':<15} {'batch':>5} {'task':<6} {'images/s':>22} {'GFLOP/s':>20} {'% of ceiling':>16}"
+    header = f"{'precision':<15} {'batch':>5} {'task':<8} {'images/s':>22} {'GFLOP/s':>20} {'% of ceiling':>16}"
     lines += ["", header, "-" * len(header)]
     for run in result["runs"]:
-        for task in ("train", "infer"):
+        for task in ("train", "train_bn", "infer"):
             f = run[task]
             percent = f"{f['percent_of_ceiling']}% {run['ceiling']}"
-            lines.append(f"{run['precision']:<15} {run['batch_size']:>5} {task:<6} {_spread(f['images_per_s']):>22} "
+            lines.append(f"{run['precision']:<15} {run['batch_size']:>5} {task:<8} {_spread(f['images_per_s']):>22} "
                          f"{_spread(f['gflops'], 1):>20} {percent:>16}")
+        ratio = run["train_bn"]["images_per_s"]["median"] / run["train"]["images_per_s"]["median"]
+        lines.append(f"{'':<15} {'':>5} train_bn trains at {100 * ratio:.0f}% of train's images/s (batch norm after every conv)")
     return "\n".join(lines)

@@ -116,11 +116,14 @@ def load_classifier(
 ) -> Classifier:
     """Resolves the weights (see `resolve_weights`), builds the model and loads them.
 
+    Weights of a network trained with batch norm come back folded (`fold_batch_norm`):
+    the same probabilities (to float32 rounding) from the plain All-CNN-C.
+
     Raises:
         WeightsError, DeviceError, ConfigError: with a one-line message.
     """
     from allcnn import hardware
-    from allcnn.model import build_model
+    from allcnn.model import build_model, fold_batch_norm
     from allcnn.weights_io import load_weights
 
     if precision not in INFERENCE_PRECISIONS:
@@ -130,5 +133,9 @@ def load_classifier(
     policy = hardware.choose_precision(gpu)[0] if precision == "auto" else precision
     with dtype_policy(policy):
         model = build_model(spec.variant, **spec.architecture)
-    load_weights(model, spec.path)
+        load_weights(model, spec.path)
+        if spec.architecture.get("batch_norm"):
+            # Batch norm was a training aid: folded, the network is the plain All-CNN-C, so
+            # evaluate, predict, explain (ReLU right after each conv) and export see one graph.
+            model = fold_batch_norm(model)
     return Classifier(model, spec.preprocessing, spec=spec, precision=policy, device=hardware.describe(gpu))

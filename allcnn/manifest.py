@@ -213,13 +213,15 @@ def write_manifest_entry(
     accuracy: dict,
     produced: dict,
     default: bool = True,
+    batch_norm: bool | None = None,
 ) -> dict:
     """Adds (or replaces) the entry for `weights_file` in its folder's manifest.
 
     The variant, architecture, split and preprocessing come from `run_dir`, so
     the manifest cannot drift from how the weights were trained. `accuracy`
     (e.g. `{"test_top1": ...}` from `allcnn evaluate --json`) and `produced`
-    (recipe, epochs, hardware) are recorded as given.
+    (recipe, epochs, hardware) are recorded as given. `batch_norm` says whether the file's
+    network has batch norm, where it differs from the run's (weights shipped folded).
     """
     from allcnn.files import atomic_write_text
 
@@ -229,8 +231,8 @@ def write_manifest_entry(
     if prep.whiten is not None:
         raise WeightsError("ZCA preprocessing needs its matrix beside the manifest; copy the .zca.npy file by hand")
     entry = {"name": name, "file": weights_file.name, "sha256": sha256(weights_file), "variant": config.variant,
-             "batch_norm": config.batch_norm, "preprocessing": prep.to_dict(), "val_size": config.val_size,
-             "seed": config.seed, "accuracy": accuracy, "produced": produced}
+             "batch_norm": config.batch_norm if batch_norm is None else batch_norm, "preprocessing": prep.to_dict(),
+             "val_size": config.val_size, "seed": config.seed, "accuracy": accuracy, "produced": produced}
     path = weights_file.parent / MANIFEST
     manifest = json.loads(path.read_text()) if path.is_file() else {"weights": []}
     manifest["weights"] = [e for e in manifest["weights"] if e.get("name") != name] + [entry]

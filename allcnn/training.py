@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import keras
+import numpy as np
 from keras import ops
 
 from allcnn import data, distribute, hardware
@@ -25,12 +26,14 @@ from allcnn.callbacks import EpochStats, NanStop, RunBackup, SwapEMAWeights, wri
 from allcnn.config import EXECUTION_KEYS, SHIPPED, ConfigError, TrainConfig, load_config
 from allcnn.distribute import Replicas, WorkerLost, is_worker_loss
 from allcnn.inference import dtype_policy
-from allcnn.model import build_model, freeze_base
+from allcnn.model import build_model, freeze_base, unfold_batch_norm
 from allcnn.pipeline import CifarBatches, EpochSeeder
 from allcnn.preprocessing import fit_preprocessing
 from allcnn.run_folder import RunError, RunFolder, best_val_accuracy
 
 VAL_BATCH = 500
+# Training images whose conv outputs give a batch-norm run started from plain weights its statistics.
+UNFOLD_IMAGES = 5000
 
 
 @keras.saving.register_keras_serializable("allcnn")
@@ -211,8 +214,9 @@ def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) 
         if overwrite and run.path.resolve() in path.parents:
             raise RunError(f"initial_weights: {path} is inside {run}, which --overwrite would delete; copy it out first")
     source = starting_weights(config)
-    # The variants have the same weight shapes: only the record tells them apart.
-    if source.variant not in (None, config.variant) or source.batch_norm not in (None, config.batch_norm):
+    # The variants have the same weight shapes: only the record tells them apart. Plain weights
+    # start a batch-norm run (see `load_initial_weights`); batch-norm weights start no plain one.
+    if source.variant not in (None, config.variant) or (source.batch_norm and not config.batch_norm):
         described = lambda variant, bn: f"{variant}{' (batch norm)' if bn else ''}"  # noqa: E731
         raise RunError(f"initial_weights: {source.path} are the {described(source.variant, source.batch_norm)} "
                        f"network; this run trains {described(config.variant, config.batch_norm)}")
@@ -221,7 +225,8 @@ def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) 
     from allcnn.weights_io import WeightsError, load_weights
 
     try:
-        load_weights(build_model(config.variant, batch_norm=config.batch_norm), source.path, base_only=True)
+        network = build_model(config.variant, batch_norm=config.batch_norm if source.batch_norm is None else source.batch_norm)
+        load_weights(network, source.path, base_only=True)
     except WeightsError as e:
         raise RunError(f"initial_weights: {e}") from None
 
@@ -251,7 +256,12 @@ def _configure(config: TrainConfig):
     """Seeds, device and the precision policy to build the model under."""
     keras.utils.set_random_seed(config.seed)
     gpu = hardware.select_device(config.device)
-    if keras.backend.backend() == "tensorflow" and gpu is None:
+    # Op determinism makes a resumed run byte-identical on a CPU, but under it TensorFlow's fused
+    # batch norm falls back to a slow kernel: 75 images/s against 371 without it (Intel Xeon AMX,
+    # bf16). A batch-norm run gives up byte-identical resume (it still resumes at the right epoch,
+    # batch order and augmentation) for that speed; TensorFlow cannot turn determinism off again
+    # within a process, so one that enabled it before keeps it.
+    if keras.backend.backend() == "tensorflow" and gpu is None and not config.batch_norm:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
@@ -291,23 +301,32 @@ def compile_model(config: TrainConfig, steps_per_epoch: int, lr: float | None = 
     return model
 
 
-def load_initial_weights(model: keras.Model, source: StartingWeights, class_names: tuple[str, ...]) -> None:
+def load_initial_weights(model: keras.Model, source: StartingWeights, class_names: tuple[str, ...],
+                         images: np.ndarray) -> None:
     """Starts a run from earlier weights; a resumed run restores its own instead.
 
     Weights trained on `class_names` load whole (a warm restart); weights trained
     on other classes load into every layer but the classifier, which keeps its
-    random init (transfer learning).
+    random init (transfer learning). Plain weights (the shipped ones) start a batch-norm
+    run through `unfold_batch_norm`, its statistics taken on `images` (preprocessed
+    training images), so that the run starts equal to the plain network.
     """
     from allcnn.weights_io import WeightsError, load_weights
 
     whole = tuple(source.class_names) == tuple(class_names)
+    unfold = source.batch_norm is False and any(isinstance(layer, keras.layers.BatchNormalization)
+                                                for layer in model.layers)
+    target = build_model(source.variant, classes=len(class_names), input_shape=model.input_shape[1:]) if unfold else model
     try:
-        load_weights(model, source.path, base_only=not whole)
+        load_weights(target, source.path, base_only=not whole)
     except WeightsError as e:
         raise RunError(f"initial_weights: {e}") from None
+    if unfold:
+        unfold_batch_norm(target, model, images)
     print(f"initial weights: {source.path}: " + ("every layer" if whole else
           f"every layer but the classifier, new for {len(class_names)} classes "
-          f"(trained on {len(source.class_names)} others)"))
+          f"(trained on {len(source.class_names)} others)") +
+          (f"; batch norm started from the statistics of {len(images)} training images" if unfold else ""))
 
 
 @dataclass(frozen=True)
@@ -373,7 +392,8 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
 
             load_weights(model, run.backup_weights())
         elif not restored and config.initial_weights:
-            load_initial_weights(model, starting_weights(config), names)
+            load_initial_weights(model, starting_weights(config), names,
+                                 run.read_preprocessing()(train_split[0][:UNFOLD_IMAGES]))
         if config.head_epochs:
             trains = "the classifier alone, the base frozen" if phase.config.freeze_base else "every layer"
             print(f"epochs {phase.first + 1} to {phase.end} of {config.total_epochs}: {trains}, lr {lr:g}")

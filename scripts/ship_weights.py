@@ -8,38 +8,52 @@ started from: one history (epochs numbered on), the total time, every recipe; if
 an earlier stage's best epoch scored higher on validation, that stage is shipped.
 Weights are only replaced by better ones: a run whose best validation accuracy does
 not beat that of the weights shipped now (same held-out split) is refused.
+A run started from the shipped weights themselves (`initial_weights = "shipped"`, the same
+classes: a new cycle on the one thing that survives between our machines) is shipped as one
+more stage of them: their history, recipes and stage configs come first.
+A run trained with batch norm ships folded (`allcnn.model.fold_batch_norm`): the plain
+All-CNN-C, checked to give the batch-norm network's probabilities on 1,000 test images.
 
     python scripts/ship_weights.py RUN_DIR [--data-dir ../shared/data]
 """
 
 import argparse
+import dataclasses
 import csv
 import io
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from allcnn import hardware
 from allcnn.config import EXECUTION_KEYS, SHIPPED, TrainConfig, load_config
 from allcnn.data import CLASS_NAMES, DataError, load_cifar10
 from allcnn.evaluation import metrics
 from allcnn.files import atomic_write, atomic_write_text
-from allcnn.inference import load_classifier
+from allcnn.inference import Classifier, dtype_policy, load_classifier
+from allcnn.model import build_model
 from allcnn.plots import plot_history
 from allcnn.resources import configs_dir
 from allcnn.run_folder import MACHINE_FIELDS, RunError, RunFolder, best_val_accuracy
 from allcnn.manifest import manifest_entry, write_manifest_entry
-from allcnn.weights_io import WeightsError
+from allcnn.weights_io import WeightsError, load_weights
 
 NAME = "allcnn-c"
 # The recipes of one schedule from a random init, and the command that trains each.
 ONE_SCHEDULE_RECIPES = {
+    "configs/release-bn.toml": "scripts/train_release.sh DATA_DIR RUN_DIR release-bn",
     "configs/release-v3.toml": "scripts/train_release.sh DATA_DIR RUN_DIR release-v3",
     "configs/release-v2.toml": "scripts/train_release.sh DATA_DIR RUN_DIR release-v2",
     "configs/release-gpu.toml": "scripts/gpu_train.sh train release-gpu SECONDS (on a GPU machine, from "
                                 "scripts/gpu_bundle.sh's parts; README 'Training on a borrowed GPU')",
 }
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+# How far the folded network's float32 probabilities may lie from the batch-norm network's.
+FOLD_TOLERANCE = 1e-5
+FOLDED = "batch norm during training, folded into the convolutions (the shipped network has none)"
 
 
 def machines_of(run: Path) -> list[dict]:
@@ -88,7 +102,10 @@ def recipe_of(run: Path, config: TrainConfig) -> str:
     # How the run executed (data workers, steps per execution, device) is no part of its recipe.
     kept = {key: getattr(config, key) for key in ("initial_weights", *EXECUTION_KEYS)}
     for path in sorted(configs_dir().glob("release*.toml")):
-        if load_config(path, **kept) == config:
+        recipe = load_config(path, **kept)
+        if recipe.dataset == "auto":  # a run records the dataset `auto` resolved to
+            recipe = dataclasses.replace(recipe, dataset=config.dataset)
+        if recipe == config:
             return f"configs/{path.name}"
     sys.exit(f"error: no configs/release*.toml has the settings of {RunFolder(run).config_path}")
 
@@ -100,14 +117,14 @@ def completed_epochs(run: Path) -> tuple[int, int]:
     return folder.restored_epoch(), len(folder.read_history())
 
 
-def hours_to(rows: list[dict], val_accuracy: float) -> float | None:
-    """Training hours until the first epoch that reached `val_accuracy` (None if none did)."""
+def time_to(rows: list[dict], val_accuracy: float) -> tuple[float | None, int | None]:
+    """Training hours and epochs until the first epoch that reached `val_accuracy` (None if none did)."""
     seconds = 0.0
-    for row in rows:
+    for epoch, row in enumerate(rows, 1):
         seconds += float(row["epoch_seconds"])
         if float(row["val_accuracy"]) >= val_accuracy:
-            return round(seconds / 3600, 2)
-    return None
+            return round(seconds / 3600, 2), epoch
+    return None, None
 
 
 def shipped_stages(runs: list[Path], histories: list[list[dict]]) -> list[Path]:
@@ -122,6 +139,36 @@ def shipped_stages(runs: list[Path], histories: list[list[dict]]) -> list[Path]:
     return runs[:best + 1]
 
 
+@dataclass
+class Before:
+    """The shipped stages a run went on from: their history rows, recipes, configs and hardware."""
+
+    history: list[dict] = field(default_factory=list)
+    recipes: list[str] = field(default_factory=list)
+    configs: list[str] = field(default_factory=list)
+    planned_epochs: int = 0
+    hardware: str = ""
+
+
+def shipped_before(run: Path, config: TrainConfig) -> Before:
+    """What the shipped weights were, when `run` went on from them (empty for any other start)."""
+    if config.initial_weights != SHIPPED:
+        return Before()
+    try:
+        shipped = manifest_entry(NAME, WEIGHTS)
+    except WeightsError:
+        return Before()
+    if tuple(shipped.get("classes", CLASS_NAMES)) != (RunFolder(run).read_class_names() or CLASS_NAMES):
+        return Before()  # transfer to other classes: a new network, not a stage
+    produced = shipped["produced"]
+    recipes = produced["recipe"] if isinstance(produced["recipe"], list) else [produced["recipe"]]
+    stage_files = sorted(WEIGHTS.glob(f"{NAME}.stage*.config.toml"), key=lambda path: int(path.name.split(".")[1][5:]))
+    with open(WEIGHTS / f"{NAME}.history.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    return Before(history, recipes, [path.read_text() for path in [*stage_files, WEIGHTS / f"{NAME}.config.toml"]],
+                  int(produced["planned_epochs"]), produced["hardware"])
+
+
 def joined_history(histories: list[list[dict]]) -> list[dict]:
     """The stages' completed epochs as one history, numbered on from one stage to the next."""
     return [row | {"epoch": str(epoch)} for epoch, row in enumerate(row for rows in histories for row in rows)]
@@ -129,7 +176,9 @@ def joined_history(histories: list[list[dict]]) -> list[dict]:
 
 def write_history(rows: list[dict], path: Path) -> None:
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    # Stages shipped before may have logged other columns: every column of any stage, blank where absent.
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(key for row in rows for key in row)), restval="",
+                            lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, text.getvalue())
@@ -163,6 +212,22 @@ def load_best(run: Path):
     return classifier
 
 
+def check_fold(run: Path, folded: Classifier, images: np.ndarray) -> float:
+    """The largest difference between the folded network's float32 probabilities on `images`
+    and those of the batch-norm network it was folded from; exits above `FOLD_TOLERANCE`."""
+    config = RunFolder(run).read_config()
+    with dtype_policy("float32"):
+        normed = build_model(config.variant, classes=folded.model.output_shape[-1],
+                             input_shape=folded.model.input_shape[1:], batch_norm=True)
+    load_weights(normed, RunFolder(run).best_weights)
+    expected = Classifier(normed, folded.preprocessing, precision="float32").probabilities(images)
+    difference = float(np.abs(folded.probabilities(images) - expected).max())
+    if difference > FOLD_TOLERANCE:
+        sys.exit(f"error: not shipping: the folded network's probabilities differ from the batch-norm "
+                 f"network's by {difference:.2e} (> {FOLD_TOLERANCE:g}); {WEIGHTS} is unchanged")
+    return difference
+
+
 def ship(last_stage: Path, data_dir: str) -> dict:
     """Ships `last_stage` (or the earlier stage that scored best) into weights/; returns its manifest entry."""
     # Everything that can fail comes before the first file in weights/ is replaced.
@@ -170,9 +235,10 @@ def ship(last_stage: Path, data_dir: str) -> dict:
     folders = [RunFolder(run) for run in runs]
     histories = [folder.read_history(folder.restored_epoch()) for folder in folders]
     runs = shipped_stages(runs, histories)
-    history = joined_history(histories[:len(runs)])
     configs = [folder.read_config() for folder in folders[:len(runs)]]
-    recipes = [recipe_of(run, config) for run, config in zip(runs, configs)]
+    before = shipped_before(runs[0], configs[0])
+    history = joined_history([before.history, *histories[:len(runs)]])
+    recipes = before.recipes + [recipe_of(run, config) for run, config in zip(runs, configs)]
     shipped = runs[-1]
     _, (x_test, y_test) = load_cifar10(data_dir)
     best = max(history, key=lambda row: float(row["val_accuracy"]))
@@ -180,14 +246,18 @@ def ship(last_stage: Path, data_dir: str) -> dict:
     one_schedule = len(recipes) == 1 and recipes[0] in ONE_SCHEDULE_RECIPES
     command = (ONE_SCHEDULE_RECIPES[recipes[0]] if one_schedule else
                "allcnn train --config RECIPE, each stage with --initial-weights PREVIOUS_STAGE/last.weights.h5")
+    hours_to_90, epochs_to_90 = time_to(history, 0.90)
     produced = {"recipe": recipes if len(recipes) > 1 else recipes[0],
                 "command": command,
                 "epochs_trained": len(history),
-                "planned_epochs": sum(config.epochs for config in configs),
+                "planned_epochs": before.planned_epochs + sum(config.epochs for config in configs),
                 "best_epoch": int(best["epoch"]) + 1,
                 "train_hours": round(sum(float(r["epoch_seconds"]) for r in history) / 3600, 2),
-                "hours_to_90_val": hours_to(history, 0.90),
+                "hours_to_90_val": hours_to_90,
+                "epochs_to_90_val": epochs_to_90,
                 **describe_machines(machines_of(shipped))}
+    if before.hardware:
+        produced["hardware"] = f"{before.hardware}; then {produced['hardware']}"
 
     target = WEIGHTS / f"{NAME}.weights.h5"
     with atomic_write(target, suffix=".weights.h5") as pending:
@@ -197,18 +267,23 @@ def ship(last_stage: Path, data_dir: str) -> dict:
         classifier = load_classifier(pending, variant=configs[-1].variant,
                                      preprocessing_json=RunFolder(shipped).preprocessing_path, precision="float32")
         probabilities = classifier.probabilities(x_test)
+        if configs[-1].batch_norm:
+            produced["training"] = FOLDED
+            produced["fold_max_difference"] = check_fold(shipped, classifier, x_test[:1000])
     full = metrics(probabilities, y_test, CLASS_NAMES)
     exact = metrics(probabilities[:1000], y_test[:1000], CLASS_NAMES)
     accuracy = {"test_top1": full["top1"], "test_top5": full["top5"], "test_loss": full["loss"],
                 "test_0_999_top1": exact["top1"], "val_top1": float(best["val_accuracy"]),
                 "measured_with": "allcnn evaluate's code (Classifier + metrics), float32, ../shared/data test_batch"}
     produced["evaluated_on"] = classifier.device
-    entry = write_manifest_entry(target, shipped, name=NAME, accuracy=accuracy, produced=produced)
+    entry = write_manifest_entry(target, shipped, name=NAME, accuracy=accuracy, produced=produced,
+                                 batch_norm=False)  # folded, if the run had any
 
     atomic_write_text(WEIGHTS / f"{NAME}.config.toml", RunFolder(shipped).config_path.read_text())
-    stage_configs = {WEIGHTS / f"{NAME}.stage{number}.config.toml": run for number, run in enumerate(runs[:-1], 1)}
-    for path, run in stage_configs.items():
-        atomic_write_text(path, RunFolder(run).config_path.read_text())
+    earlier = before.configs + [RunFolder(run).config_path.read_text() for run in runs[:-1]]
+    stage_configs = {WEIGHTS / f"{NAME}.stage{number}.config.toml": text for number, text in enumerate(earlier, 1)}
+    for path, text in stage_configs.items():
+        atomic_write_text(path, text)
     for stale in set(WEIGHTS.glob(f"{NAME}.stage*.config.toml")) - set(stage_configs):
         stale.unlink()
     write_history(history, WEIGHTS / f"{NAME}.history.csv")

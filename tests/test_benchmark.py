@@ -61,7 +61,7 @@ def test_json_has_every_figure(tiny_result):
     assert tiny_result["pipeline_images_per_s"]["2"]["median"] > 0
     (run,) = tiny_result["runs"]
     assert (run["precision"], run["batch_size"]) == ("float32", 2)
-    for task in ("train", "infer"):
+    for task in ("train", "train_bn", "infer"):
         rate = run[task]["images_per_s"]
         assert rate["min"] <= rate["median"] <= rate["max"]
         assert run[task]["gflops"]["median"] > 0 and run[task]["percent_of_ceiling"] > 0
@@ -73,7 +73,8 @@ def test_table_is_the_default_output(tiny_result, monkeypatch):
     assert result.exit_code == 0, result.output
     assert not result.stdout.lstrip().startswith("{")
     for text in ("native bf16", "FLOPs per image: forward 541.6 M", "ceiling: float32", "input pipeline",
-                 "% of ceiling", "float32             2 train", "float32             2 infer"):
+                 "% of ceiling", "float32             2 train", "float32             2 train_bn",
+                 "float32             2 infer", "train_bn trains at"):
         assert text in result.stdout
 
 

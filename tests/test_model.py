@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from allcnn.config import ConfigError
-from allcnn.model import build_model
+from allcnn.model import HEAD, BatchNormalization, build_model, fold_batch_norm, unfold_batch_norm
 
 PAPER_SHAPES = [
     ("input_dropout", (32, 32, 3)),
@@ -73,3 +73,95 @@ def test_forward_pass_under_active_backend():
 def test_unknown_variant():
     with pytest.raises(ConfigError, match="variant: .* is not one of paper, tutorial"):
         build_model("resnet")
+
+
+def _with_batch_norm_statistics(model: keras.Model, rng: np.random.Generator) -> keras.Model:
+    """Gives every batch norm statistics far from 0 and 1, and variances small enough that
+    its epsilon (1e-3) changes the scale by 1-5%: a fold that forgot it is off by much more than 1e-5."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            channels = layer.gamma.shape[0]
+            variance = rng.uniform(0.02, 0.1, channels)
+            gamma = rng.uniform(0.7, 1.3, channels) * np.sqrt(variance)  # 0.1-0.4: keeps activations in range
+            layer.set_weights([gamma, rng.uniform(-0.4, 0.4, channels) + 0.3,
+                               rng.uniform(-0.5, 0.5, channels) - 0.3, variance])
+    # Activations grow through nine such layers; a small last gamma keeps the softmax from saturating.
+    last = model.get_layer(HEAD.replace("conv", "bn"))
+    last.gamma.assign(last.gamma * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["paper", "tutorial"])
+def test_fold_batch_norm_gives_the_plain_network_with_the_same_outputs(variant):
+    rng = np.random.default_rng(0)
+    normed = _with_batch_norm_statistics(build_model(variant, batch_norm=True, seed=0), rng)
+    folded = fold_batch_norm(normed)
+    assert [layer.name for layer in folded.layers] == [layer.name for layer in build_model(variant).layers]
+    assert folded.count_params() == 1_369_738
+    x = rng.normal(size=(16, 32, 32, 3)).astype("float32")
+    expected = keras.ops.convert_to_numpy(normed(x, training=False))
+    assert np.median(expected.max(axis=1)) < 0.9  # not saturated: the comparison means something
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(folded(x, training=False)), expected, atol=1e-5)
+    # The check is sharp enough to catch a fold that leaves epsilon out.
+    for layer in normed.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.epsilon = 0.0
+    without_epsilon = keras.ops.convert_to_numpy(normed(x, training=False))
+    assert np.abs(without_epsilon - expected).max() > 1e-3
+
+
+def test_fold_batch_norm_refuses_a_network_without_it():
+    with pytest.raises(ConfigError, match="no batch norm to fold"):
+        fold_batch_norm(build_model())
+
+
+def test_our_batch_norm_computes_what_keras_does_in_training_and_inference(monkeypatch):
+    """Under TensorFlow ours runs the fused kernel; under other backends it is Keras' own."""
+    fused_calls = []
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        fused = tf.compat.v1.nn.fused_batch_norm
+        monkeypatch.setattr(tf.compat.v1.nn, "fused_batch_norm",
+                            lambda *args, **kwargs: fused_calls.append(kwargs["is_training"]) or fused(*args, **kwargs))
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, size=(8, 6, 6, 5)).astype("float32")
+    weights = [rng.uniform(0.5, 2, 5), rng.uniform(-1, 1, 5), np.full(5, 0.5), np.full(5, 4.0)]
+    ours, theirs = BatchNormalization(momentum=0.5), keras.layers.BatchNormalization(momentum=0.5)
+    for layer in (ours, theirs):
+        layer.build(x.shape)
+        layer.set_weights(weights)
+    for training in (False, True):  # inference first: training moves the statistics inference uses
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(ours(x, training=training)),
+                                   keras.ops.convert_to_numpy(theirs(x, training=training)), atol=1e-4)
+    assert fused_calls == ([False, True] if keras.backend.backend() == "tensorflow" else [])
+    # The moving statistics move alike.
+    for mine, keras_own in zip(ours.get_weights()[2:], theirs.get_weights()[2:]):
+        np.testing.assert_allclose(mine, keras_own, rtol=1e-5)
+
+
+def test_batch_norm_weights_load_across_keras_and_our_layer(tmp_path):
+    model = build_model(batch_norm=True)
+    assert all(type(layer) is BatchNormalization for layer in model.layers if "bn" in layer.name)
+    plain_keras = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.BatchNormalization()])
+    ours = keras.Sequential([keras.Input((4, 4, 3)), BatchNormalization()])
+    plain_keras.layers[0].moving_mean.assign([1.0, 2.0, 3.0])
+    plain_keras.save_weights(tmp_path / "keras.weights.h5")
+    ours.load_weights(tmp_path / "keras.weights.h5")
+    np.testing.assert_array_equal(ours.layers[0].moving_mean.numpy(), [1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("variant", ["paper", "tutorial"])
+def test_unfold_batch_norm_starts_equal_to_the_plain_network_and_folds_back(variant):
+    rng = np.random.default_rng(1)
+    plain = build_model(variant, seed=0)
+    images = rng.normal(0.3, 1.2, size=(64, 32, 32, 3)).astype("float32")
+    normed = build_model(variant, batch_norm=True, input_dropout=0.0, dropout=0.0)  # training mode below: no dropout
+    unfold_batch_norm(plain, normed, images, batch_size=24)
+    expected = keras.ops.convert_to_numpy(plain(images, training=False))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(normed(images, training=False)), expected, atol=1e-5)
+    # The statistics are those of the images given: in training mode (batch statistics) it is close too.
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(normed(images, training=True)), expected, atol=1e-3)
+    assert normed.get_layer("bn1").moving_variance.numpy().min() > 0
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(fold_batch_norm(normed)(images, training=False)),
+                               expected, atol=1e-5)

@@ -30,6 +30,15 @@ def _ship_weights():
     return module
 
 
+def _shipping(tmp_path: Path, monkeypatch) -> tuple:
+    """scripts/ship_weights.py as a module, shipping into a weights folder of its own in tmp_path."""
+    ship = _ship_weights()
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    monkeypatch.setattr(ship, "WEIGHTS", weights)
+    return ship, weights
+
+
 def _run_folder(root: Path, name: str, recipe: str, **overrides) -> Path:
     run = root / name
     run.mkdir()
@@ -67,9 +76,9 @@ def test_a_later_stage_ships_only_if_it_beats_the_earlier_ones_on_validation(cap
     assert [row["epoch"] for row in ship.joined_history(histories)] == ["0", "1", "2", "3", "4"]
 
 
-def test_hours_to_a_validation_accuracy():
+def test_hours_and_epochs_to_a_validation_accuracy():
     rows = [{"epoch_seconds": "1800", "val_accuracy": v} for v in ("0.85", "0.90", "0.91")]
-    assert _ship_weights().hours_to(rows, 0.90) == 1.0 and _ship_weights().hours_to(rows, 0.95) is None
+    assert _ship_weights().time_to(rows, 0.90) == (1.0, 2) and _ship_weights().time_to(rows, 0.95) == (None, None)
 
 
 def _trained_stage(root: Path, name: str, recipe: str, val_accuracies: list[float], **overrides) -> Path:
@@ -79,7 +88,7 @@ def _trained_stage(root: Path, name: str, recipe: str, val_accuracies: list[floa
 
     run = _run_folder(root, name, recipe, **overrides)
     Preprocessing("standardize", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]).save(run / "preprocessing.json")
-    build_model("paper", seed=len(name)).save_weights(run / "best.weights.h5")
+    build_model("paper", batch_norm=load_config(recipe).batch_norm, seed=len(name)).save_weights(run / "best.weights.h5")
     rows = "".join(f"{epoch},0.9,60.0,1.0,0.01,{val},1.0\n" for epoch, val in enumerate(val_accuracies))
     (run / "history.csv").write_text("epoch,accuracy,epoch_seconds,loss,lr,val_accuracy,val_loss\n" + rows)
     RunFolder(run).backup_dir.mkdir()
@@ -90,11 +99,8 @@ def _trained_stage(root: Path, name: str, recipe: str, val_accuracies: list[floa
 
 
 def test_ship_weights_ships_the_best_stage_with_the_stages_before_it(tmp_path, cifar_dir, monkeypatch):
-    ship = _ship_weights()
-    weights = tmp_path / "weights"
-    weights.mkdir()
+    ship, weights = _shipping(tmp_path, monkeypatch)
     (weights / "allcnn-c.stage2.config.toml").write_text("stale")
-    monkeypatch.setattr(ship, "WEIGHTS", weights)
     stage1 = _trained_stage(tmp_path, "release", "release-stage1", [0.5, 0.6])
     stage2 = _trained_stage(tmp_path, "release-stage2", "release", [0.55, 0.7, 0.65],
                             initial_weights=str(stage1 / "last.weights.h5"))
@@ -117,10 +123,7 @@ def test_ship_weights_ships_the_best_stage_with_the_stages_before_it(tmp_path, c
 
 
 def test_ship_weights_refuses_a_run_that_does_not_beat_the_shipped_weights(tmp_path, cifar_dir, monkeypatch):
-    ship = _ship_weights()
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    monkeypatch.setattr(ship, "WEIGHTS", weights)
+    ship, weights = _shipping(tmp_path, monkeypatch)
     first = _trained_stage(tmp_path, "first", "release-v2", [0.5, 0.6])
     worse = _trained_stage(tmp_path, "worse", "release-v2", [0.55])
     better = _trained_stage(tmp_path, "better", "release-v2", [0.61])
@@ -140,10 +143,7 @@ def test_ship_weights_refuses_a_run_that_does_not_beat_the_shipped_weights(tmp_p
 
 def test_ship_weights_names_the_gpu_recipe_and_its_command_however_the_run_executed(tmp_path, cifar_dir,
                                                                                     monkeypatch):
-    ship = _ship_weights()
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    monkeypatch.setattr(ship, "WEIGHTS", weights)
+    ship, weights = _shipping(tmp_path, monkeypatch)
     run = _trained_stage(tmp_path, "gpu", "release-gpu", [0.5, 0.6, 0.7], data_workers=2, steps_per_execution=1)
     # Begun on a CPU, moved to a GPU: the manifest names both, with their epochs.
     RunFolder(run).record_session(0, "CPU test", "float32", "tensorflow")
@@ -157,11 +157,42 @@ def test_ship_weights_names_the_gpu_recipe_and_its_command_however_the_run_execu
     assert (produced["precision"], produced["backend"]) == ("float32; mixed_bfloat16", "tensorflow; jax")
 
 
+def test_ship_weights_folds_a_batch_norm_run_into_the_plain_network(tmp_path, cifar_dir, monkeypatch):
+    from allcnn.model import build_model
+    from allcnn.weights_io import load_weights
+
+    ship, weights = _shipping(tmp_path, monkeypatch)
+    run = _trained_stage(tmp_path, "bn", "release-bn", [0.7, 0.91, 0.9])
+    monkeypatch.setattr("sys.argv", ["ship_weights.py", str(run), "--data-dir", str(cifar_dir)])
+    ship.main()
+    entry = json.loads((weights / "manifest.json").read_text())["weights"][0]
+    assert entry["batch_norm"] is False and entry["produced"]["training"].startswith("batch norm during training, folded")
+    assert entry["produced"]["fold_max_difference"] <= ship.FOLD_TOLERANCE
+    assert entry["produced"]["command"] == "scripts/train_release.sh DATA_DIR RUN_DIR release-bn"
+    assert (entry["produced"]["epochs_to_90_val"], entry["produced"]["hours_to_90_val"]) == (2, 0.03)
+    load_weights(build_model("paper"), weights / "allcnn-c.weights.h5")  # the plain network: no batch norm
+
+
+def test_a_run_from_the_shipped_weights_ships_as_their_next_stage(tmp_path, cifar_dir, monkeypatch):
+    ship, weights = _shipping(tmp_path, monkeypatch)
+    first = _trained_stage(tmp_path, "v3", "release-v3", [0.5, 0.6])
+    monkeypatch.setattr("sys.argv", ["ship_weights.py", str(first), "--data-dir", str(cifar_dir)])
+    ship.main()
+    # The next session has only the shipped weights: a batch-norm cycle goes on from them.
+    later = _trained_stage(tmp_path, "bn", "release-bn-stage2", [0.62, 0.65, 0.64], initial_weights="shipped")
+    monkeypatch.setattr("sys.argv", ["ship_weights.py", str(later), "--data-dir", str(cifar_dir)])
+    ship.main()
+    produced = json.loads((weights / "manifest.json").read_text())["weights"][0]["produced"]
+    assert produced["recipe"] == ["configs/release-v3.toml", "configs/release-bn-stage2.toml"]
+    assert (produced["epochs_trained"], produced["planned_epochs"], produced["best_epoch"]) == (5, 95, 4)
+    assert produced["hardware"] == "CPU test; then CPU test"
+    assert load_config(weights / "allcnn-c.stage1.config.toml") == load_config(first / "config.toml")
+    assert load_config(weights / "allcnn-c.config.toml") == load_config(later / "config.toml")
+    assert len((weights / "allcnn-c.history.csv").read_text().splitlines()) == 1 + 5
+
+
 def test_ship_weights_fails_in_one_line_and_leaves_weights_as_they_were(tmp_path, cifar_dir, monkeypatch, capsys):
-    ship = _ship_weights()
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    monkeypatch.setattr(ship, "WEIGHTS", weights)
+    ship, weights = _shipping(tmp_path, monkeypatch)
     run = _trained_stage(tmp_path, "release", "release-stage1", [0.5, 0.6])
 
     def fails(*args: str) -> str:
@@ -213,10 +244,19 @@ def test_train_release_trains_then_resumes_one_schedule(tmp_path):
     assert _train_release(tmp_path, "DATA", str(run)).returncode == 0
     assert _train_release(tmp_path, "DATA", str(run)).returncode == 0
     assert (tmp_path / "calls.log").read_text().splitlines() == [
-        f"allcnn train --config release-v3 --out {run} --data-dir DATA",
+        f"allcnn train --config release-bn --out {run} --data-dir DATA",
         f"python ship_weights.py {run} --data-dir DATA",
         # Run again: the run folder exists, so it resumes (and a finished run trains nothing).
         f"allcnn train --resume --out {run} --data-dir DATA",
+        f"python ship_weights.py {run} --data-dir DATA",
+    ]
+
+
+def test_train_release_starts_a_later_stage_from_the_weights_given(tmp_path):
+    run = tmp_path / "r2"
+    assert _train_release(tmp_path, "DATA", str(run), "release-bn-stage2", "r1/last.weights.h5").returncode == 0
+    assert (tmp_path / "calls.log").read_text().splitlines() == [
+        f"allcnn train --config release-bn-stage2 --out {run} --data-dir DATA --initial-weights r1/last.weights.h5",
         f"python ship_weights.py {run} --data-dir DATA",
     ]
 
