@@ -28,7 +28,7 @@ from allcnn.distribute import Replicas, WorkerLost, is_worker_loss
 from allcnn.inference import dtype_policy
 from allcnn.model import build_model, freeze_base, unfold_batch_norm
 from allcnn.pipeline import CifarBatches, EpochSeeder
-from allcnn.preprocessing import fit_preprocessing
+from allcnn.preprocessing import Preprocessing, fit_preprocessing
 from allcnn.run_folder import RunError, RunFolder, best_val_accuracy
 
 VAL_BATCH = 500
@@ -225,8 +225,8 @@ def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) 
     from allcnn.weights_io import WeightsError, load_weights
 
     try:
-        network = build_model(config.variant, batch_norm=config.batch_norm if source.batch_norm is None else source.batch_norm)
-        load_weights(network, source.path, base_only=True)
+        batch_norm = config.batch_norm if source.batch_norm is None else source.batch_norm
+        load_weights(build_model(config.variant, batch_norm=batch_norm), source.path, base_only=True)
     except WeightsError as e:
         raise RunError(f"initial_weights: {e}") from None
 
@@ -257,7 +257,7 @@ def _configure(config: TrainConfig):
     keras.utils.set_random_seed(config.seed)
     gpu = hardware.select_device(config.device)
     # Op determinism makes a resumed run byte-identical on a CPU, but under it TensorFlow's fused
-    # batch norm falls back to a slow kernel: 75 images/s against 371 without it (Intel Xeon AMX,
+    # batch norm falls back to a slow kernel: 75 images/s against 381 without it (Intel Xeon AMX,
     # bf16). A batch-norm run gives up byte-identical resume (it still resumes at the right epoch,
     # batch order and augmentation) for that speed; TensorFlow cannot turn determinism off again
     # within a process, so one that enabled it before keeps it.
@@ -302,14 +302,14 @@ def compile_model(config: TrainConfig, steps_per_epoch: int, lr: float | None = 
 
 
 def load_initial_weights(model: keras.Model, source: StartingWeights, class_names: tuple[str, ...],
-                         images: np.ndarray) -> None:
+                         train_images: np.ndarray, preprocessing: Preprocessing) -> None:
     """Starts a run from earlier weights; a resumed run restores its own instead.
 
     Weights trained on `class_names` load whole (a warm restart); weights trained
     on other classes load into every layer but the classifier, which keeps its
     random init (transfer learning). Plain weights (the shipped ones) start a batch-norm
-    run through `unfold_batch_norm`, its statistics taken on `images` (preprocessed
-    training images), so that the run starts equal to the plain network.
+    run through `unfold_batch_norm`, its statistics taken on the first `UNFOLD_IMAGES` of
+    `train_images` (uint8, preprocessed only then), so that the run starts equal to the plain network.
     """
     from allcnn.weights_io import WeightsError, load_weights
 
@@ -322,6 +322,7 @@ def load_initial_weights(model: keras.Model, source: StartingWeights, class_name
     except WeightsError as e:
         raise RunError(f"initial_weights: {e}") from None
     if unfold:
+        images = preprocessing(train_images[:UNFOLD_IMAGES])
         unfold_batch_norm(target, model, images)
     print(f"initial weights: {source.path}: " + ("every layer" if whole else
           f"every layer but the classifier, new for {len(class_names)} classes "
@@ -392,8 +393,7 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
 
             load_weights(model, run.backup_weights())
         elif not restored and config.initial_weights:
-            load_initial_weights(model, starting_weights(config), names,
-                                 run.read_preprocessing()(train_split[0][:UNFOLD_IMAGES]))
+            load_initial_weights(model, starting_weights(config), names, train_split[0], run.read_preprocessing())
         if config.head_epochs:
             trains = "the classifier alone, the base frozen" if phase.config.freeze_base else "every layer"
             print(f"epochs {phase.first + 1} to {phase.end} of {config.total_epochs}: {trains}, lr {lr:g}")

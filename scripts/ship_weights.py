@@ -18,12 +18,11 @@ All-CNN-C, checked to give the batch-norm network's probabilities on 1,000 test 
 """
 
 import argparse
-import dataclasses
 import csv
 import io
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +103,7 @@ def recipe_of(run: Path, config: TrainConfig) -> str:
     for path in sorted(configs_dir().glob("release*.toml")):
         recipe = load_config(path, **kept)
         if recipe.dataset == "auto":  # a run records the dataset `auto` resolved to
-            recipe = dataclasses.replace(recipe, dataset=config.dataset)
+            recipe = replace(recipe, dataset=config.dataset)
         if recipe == config:
             return f"configs/{path.name}"
     sys.exit(f"error: no configs/release*.toml has the settings of {RunFolder(run).config_path}")

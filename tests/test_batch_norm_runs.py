@@ -74,12 +74,16 @@ def test_export_has_no_batch_norm_and_matches_keras(weights, tmp_path):
 def test_a_batch_norm_run_starts_from_plain_weights_equal_to_them(tmp_path, cifar_dir):
     from allcnn.config import load_config
     from allcnn.data import CLASS_NAMES
+    from allcnn.preprocessing import Preprocessing
     from allcnn.training import StartingWeights, compile_model, load_initial_weights
 
     plain_weights = make_run(tmp_path / "plain")
-    images = np.random.default_rng(2).normal(size=(40, 32, 32, 3)).astype("float32")
+    pixels = np.random.default_rng(2).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    preprocessing = Preprocessing("standardize", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    images = preprocessing(pixels)
     model = compile_model(load_config("release-bn"), steps_per_epoch=10)
-    load_initial_weights(model, StartingWeights(plain_weights, CLASS_NAMES, "paper", False), CLASS_NAMES, images)
+    load_initial_weights(model, StartingWeights(plain_weights, CLASS_NAMES, "paper", False), CLASS_NAMES, pixels,
+                         preprocessing)
     plain = build_model()
     load_weights(plain, plain_weights)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(images, training=False)),
