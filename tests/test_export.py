@@ -18,7 +18,7 @@ from PIL import Image
 from allcnn.cli import main
 from tests.helpers_weights import make_run
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ONNX_EXAMPLE_DOC = Path(__file__).resolve().parents[1] / "docs" / "commands.md"
 
 
 def _installed(*modules: str) -> bool:
@@ -115,13 +115,13 @@ def test_atomic_write_directory_replaces_or_keeps(tmp_path):
 
 
 @pytest.mark.skipif(not _installed("tf2onnx", "onnx", "onnxruntime"), reason="tf2onnx, onnx, onnxruntime: allcnn[export]")
-def test_readme_onnx_example_runs_without_allcnn(weights, tmp_path):
-    """The README's three lines, in a process that imports neither allcnn nor TensorFlow."""
+def test_docs_onnx_example_runs_without_allcnn(weights, tmp_path):
+    """The three lines of docs/commands.md, in a process that imports neither allcnn nor TensorFlow."""
     result = CliRunner().invoke(main, ["export", "--weights", str(weights), "--format", "onnx",
                                        "--out", str(tmp_path / "allcnn.onnx")])
     assert result.exit_code == 0, result.output
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(tmp_path / "cat.jpg")
-    example = README.read_text().split("<!-- onnx-example -->")[1].split("```python\n")[1].split("```")[0]
+    example = ONNX_EXAMPLE_DOC.read_text().split("<!-- onnx-example -->")[1].split("```python\n")[1].split("```")[0]
     check = "\nimport sys; assert 'tensorflow' not in sys.modules and 'allcnn' not in sys.modules\n"
     run = subprocess.run([sys.executable, "-c", example + check], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
