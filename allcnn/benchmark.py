@@ -10,7 +10,10 @@ pass (forward, plus gradients with respect to inputs and to weights), the
 usual convention. The ceiling is one large matmul's GFLOP/s: the best a dense
 kernel reaches here in float32 and, where the CPU has it natively, bfloat16.
 
-This module uses TensorFlow directly (thread pools, op determinism, tf.data).
+Under the TensorFlow backend it also sizes TensorFlow's thread pools, turns on
+op determinism and feeds tf.data. Other backends skip those settings, and the
+report names them (`skipped`): they would change nothing there, and a machine
+with JAX alone has no TensorFlow to import.
 """
 
 from __future__ import annotations
@@ -23,15 +26,22 @@ from typing import Callable
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from allcnn import hardware
 from allcnn.config import make_config
 from allcnn.inference import Classifier, dtype_policy
 from allcnn.model import build_model
+from allcnn.optim import compile_model
 from allcnn.pipeline import CifarBatches
 from allcnn.preprocessing import Preprocessing
-from allcnn.training import compile_model
+
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf
+else:  # TensorFlow's settings would change nothing here, and it may not be installed
+    tf = None
+
+# What only TensorFlow has (`machine` and `protocol` keys), reported as skipped under other backends.
+TENSORFLOW_ONLY = ("tensorflow", "onednn_opts", "intra_op_threads", "inter_op_threads", "deterministic")
 
 MATMUL_SIZE = 2048
 _CLASSES = 10
@@ -89,7 +99,10 @@ def model_flops(model: keras.Model) -> dict[str, int]:
 
 
 def configure_threads(intra: int, inter: int) -> None:
-    """Sizes TensorFlow's op thread pools (0 keeps its default); TensorFlow allows it only before its first op."""
+    """Sizes TensorFlow's op thread pools (0 keeps its default); TensorFlow allows it only before its first op.
+    Other backends have no such pools: nothing to size."""
+    if tf is None:
+        return
     if intra:
         tf.config.threading.set_intra_op_parallelism_threads(intra)
     if inter:
@@ -140,6 +153,20 @@ def pipeline_rate(batch_size: int, steps: int, repeats: int) -> Spread:
     return timed_rates(work, repeats)
 
 
+class _SameBatch(keras.utils.PyDataset):
+    """One batch, already backend tensors, `steps` times: feed="tensors" where tf.data is not at hand."""
+
+    def __init__(self, batch: tuple[np.ndarray, np.ndarray], steps: int):
+        super().__init__()
+        self._batch, self._steps = tuple(keras.ops.convert_to_tensor(a) for a in batch), steps
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def __getitem__(self, index: int) -> tuple:
+        return self._batch
+
+
 class _EpochTimer(keras.callbacks.Callback):
     """Wall time of each epoch of `fit`; the first is the warm-up (tracing)."""
 
@@ -167,6 +194,8 @@ def train_rate(policy: str, batch_size: int, steps: int, repeats: int, feed: str
         model = compile_model(make_config(batch_size=batch_size, precision=policy, batch_norm=batch_norm), steps)
     if feed == "pipeline":
         data, steps_per_epoch = synthetic_pipeline(batch_size, steps), None
+    elif tf is None:
+        data, steps_per_epoch = _SameBatch(synthetic_batch(batch_size), steps), None
     else:
         data, steps_per_epoch = tf.data.Dataset.from_tensors(synthetic_batch(batch_size)).repeat(), steps
     timer = _EpochTimer()
@@ -198,18 +227,19 @@ def policies(requested: str, gpu: hardware.Accelerator | None) -> list[tuple[str
 
 
 def machine(gpu: hardware.Accelerator | None) -> dict:
-    """What the figures were measured on."""
+    """What the figures were measured on; TensorFlow's settings are None under other backends."""
     return {
         "device": hardware.describe(gpu),
         "cpu": hardware.cpu_name(),
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "native_bf16": hardware.has_native_bf16(),
-        "tensorflow": tf.__version__,
+        "backend": keras.backend.backend(),
         "keras": keras.__version__,
-        "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
-        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "tensorflow": tf and tf.__version__,
+        "onednn_opts": tf and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+        "intra_op_threads": tf and tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf and tf.config.threading.get_inter_op_parallelism_threads(),
     }
 
 
@@ -227,7 +257,8 @@ def run_benchmark(precision: str = "auto", batch_sizes: tuple[int, ...] = (128,)
 
     `deterministic` enables TensorFlow's op determinism on the CPU, as `allcnn
     train` does, so the figures are what training gets; turn it off to see its
-    cost. TensorFlow cannot turn it off again within a process.
+    cost. TensorFlow cannot turn it off again within a process. Under another
+    backend the TensorFlow settings are skipped, and `skipped` says so.
     """
     configure_threads(intra_threads, inter_threads)
     gpu = hardware.select_device(device)
@@ -236,7 +267,7 @@ def run_benchmark(precision: str = "auto", batch_sizes: tuple[int, ...] = (128,)
     # TensorFlow cannot turn it off again within a process: the batch-norm steps come first.
     batch_norm = {(policy, batch_size): train_rate(policy, batch_size, steps, repeats, feed, batch_norm=True)
                   for policy, _, batch_size in cases}
-    if gpu is None and deterministic:
+    if tf is not None and gpu is None and deterministic:
         tf.config.experimental.enable_op_determinism()
     ceilings = {"float32": matmul_ceiling("float32", repeats)}
     if gpu is not None or hardware.has_native_bf16():
@@ -254,7 +285,7 @@ def run_benchmark(precision: str = "auto", batch_sizes: tuple[int, ...] = (128,)
         "machine": machine(gpu),
         "protocol": {"steps": steps, "repeats": repeats, "warmup_repetitions": 1, "feed": feed,
                      "infer_path": "allcnn.inference.Classifier: uint8 in, preprocessing, compiled forward",
-                     "deterministic": deterministic and gpu is None, "matmul_size": MATMUL_SIZE,
+                     "deterministic": deterministic and gpu is None and tf is not None, "matmul_size": MATMUL_SIZE,
                      "flops": "conv multiply-adds x2; train = 3x forward",
                      "train_bn": "training with a batch norm after every conv (release-bn), its FLOPs not counted, "
                                  "op determinism off as allcnn train runs it",
@@ -263,6 +294,8 @@ def run_benchmark(precision: str = "auto", batch_sizes: tuple[int, ...] = (128,)
         "ceiling_gflops": {dtype: asdict(spread) for dtype, spread in ceilings.items()},
         "pipeline_images_per_s": {str(b): asdict(pipeline_rate(b, steps, repeats)) for b in batch_sizes},
         "runs": runs,
+        "skipped": {} if tf is not None else {key: f"the {keras.backend.backend()} backend runs without TensorFlow"
+                                              for key in TENSORFLOW_ONLY},
     }
 
 
@@ -273,10 +306,13 @@ def _spread(d: dict, digits: int = 0) -> str:
 def format_table(result: dict) -> str:
     """The human-readable report: machine, ceilings, then one row per precision, batch size and task."""
     m, p = result["machine"], result["protocol"]
+    software = f"Keras {m['keras']}, {m['backend']} backend"
+    if m["tensorflow"]:
+        software = (f"TensorFlow {m['tensorflow']}, {software}, oneDNN opts: {m['onednn_opts']}, threads intra/inter: "
+                    f"{m['intra_op_threads']}/{m['inter_op_threads']} (0 = TensorFlow's default)")
     lines = [
         f"device: {m['device']}, {m['usable_cores']} usable cores, native bf16: {'yes' if m['native_bf16'] else 'no'}",
-        f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, oneDNN opts: {m['onednn_opts']}, "
-        f"threads intra/inter: {m['intra_op_threads']}/{m['inter_op_threads']} (0 = TensorFlow's default)",
+        software,
         f"protocol: {p['repeats']} timed repetitions of {p['steps']} batches after 1 warm-up, median (min-max); "
         f"training fed by {p['feed']}; op determinism {'on' if p['deterministic'] else 'off'}",
         f"FLOPs per image: forward {result['flops_per_image']['forward'] / 1e6:.1f} M, "
@@ -288,6 +324,8 @@ def format_table(result: dict) -> str:
               for b, s in result["pipeline_images_per_s"].items()]
     reasons = {run["precision"]: run["reason"] for run in result["runs"]}
     lines += [f"precision {policy}: {reason}" for policy, reason in reasons.items()]
+    if result["skipped"]:
+        lines.append(f"skipped: {', '.join(result['skipped'])} ({'; '.join(sorted(set(result['skipped'].values())))})")
     header = f"{'precision':<15} {'batch':>5} {'task':<8} {'images/s':>22} {'GFLOP/s':>20} {'% of ceiling':>16}"
     lines += ["", header, "-" * len(header)]
     for run in result["runs"]:

@@ -1,7 +1,9 @@
 """The `allcnn` command line: a thin shell over the Python API.
 
-Heavy imports (Keras, TensorFlow) happen inside the commands, so
-`allcnn --help` answers at once.
+Heavy imports (Keras, TensorFlow) happen inside the commands, after the
+light checks of their flags and files (TOML recipes, weights files, class
+names), so `allcnn --help` answers at once and a bad input is refused
+before TensorFlow's seconds of start-up.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from click.core import ParameterSource
 from allcnn.config import (DATASETS, DEVICES, DISTRIBUTE_MODES, EXPLAIN_METHODS, EXPORT_FORMATS, LR_SCALINGS, PRECISIONS,
                            SCHEDULES, SHIPPED, TTA_MODES, ConfigError)
 from allcnn.errors import AllcnnError
+from allcnn.manifest import WeightsSpec, resolve_weights
 
 # TensorFlow's C++ start-up chatter is noise for a CLI user.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -47,7 +50,6 @@ def user_errors():
     2 for a bad flag or recipe, 1 otherwise. Anything else is a bug and keeps its
     traceback; `allcnn --debug` shows the traceback of user errors too."""
     try:
-        _import_keras_quietly()
         yield
     except AllcnnError as e:
         if click.get_current_context().find_root().params.get("debug"):
@@ -83,7 +85,9 @@ def main(debug: bool) -> None:
               help="A TOML recipe: a path, or the name of one in configs/ "
                    "(paper, paper-cifar100, finetune, tutorial, release-v3, release-v2, release-gpu, "
                    "release-stage1, release, release-stage3).")
-@click.option("--epochs", type=click.IntRange(min=1))
+@click.option("--epochs", type=click.IntRange(min=1),
+              help="Epochs of all layers, after the recipe's --head-epochs classifier-only ones (finetune: 10); "
+                   "the run's first line states the plan.")
 @click.option("--batch-size", type=click.IntRange(min=1))
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
 @click.option("--schedule", type=click.Choice(SCHEDULES))
@@ -106,11 +110,14 @@ def main(debug: bool) -> None:
 @click.option("--freeze-base/--no-freeze-base", default=None,
               help="Train only the classifier (the last 1x1 conv); the base keeps its initial weights.")
 @click.option("--head-epochs", type=click.IntRange(min=0),
-              help="First train the classifier alone for N epochs (at --head-lr), then unfreeze all layers.")
+              help="Epochs of the classifier alone (at --head-lr) before the --epochs of all layers "
+                   "(finetune: 10; 0: none).")
 @click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), help="The lr of the --head-epochs.")
-@click.option("--val-size", type=click.IntRange(min=1), help="Training images held out for validation (5000).")
+@click.option("--val-size", type=click.IntRange(min=0),
+              help="Training images held out for validation (default 0: the dataset's, 5000 of CIFAR, "
+                   "10% of an image folder with at least one image a class); overrides the recipe's --val-split.")
 @click.option("--val-split", type=click.FloatRange(0, 1, max_open=True),
-              help="Hold out this fraction of the training images instead (e.g. 0.2 for a small image folder).")
+              help="Hold out this fraction of the training images instead (finetune: 0.2).")
 @click.option("--image-size", type=click.IntRange(min=16),
               help="Network input size for an image folder, images resized to it (default 32, as CIFAR).")
 @dataset_option
@@ -146,7 +153,7 @@ def train(config_path, data_dir, test_dir, out, resume, overwrite, test, coordin
     \b
     Example:
       allcnn train --config paper --data-dir ../shared/data --out runs/paper
-      allcnn train --resume --out runs/paper
+      allcnn train --resume --out runs/paper --data-dir ../shared/data
       allcnn train --config finetune --data-dir my_photos --out runs/mine
       allcnn train --config paper-cifar100 --data-dir cifar-100-python --out runs/c100
     """
@@ -155,14 +162,15 @@ def train(config_path, data_dir, test_dir, out, resume, overwrite, test, coordin
     with user_errors():
         if resume and overwrite:  # before joining a cluster, which may wait for the other processes
             raise ConfigError(f"--resume continues the run in {out}; drop --overwrite")
+        if flags["initial_weights"] not in (None, "", SHIPPED):  # absolute: the run's config.toml works anywhere
+            flags["initial_weights"] = str(Path(flags["initial_weights"]).resolve())
+        # The recipe is read with tomllib alone: a broken one is refused before TensorFlow starts.
+        config = None if resume else load_config(config_path, **flags)
+        _import_keras_quietly()
         if coordinator_address or (num_processes or 1) > 1:
             from allcnn.distribute import join_cluster
 
             join_cluster(coordinator_address, num_processes, process_id)
-        if flags["val_size"] is not None and flags["val_split"] is None:  # an explicit count beats a recipe's fraction
-            flags["val_split"] = 0.0
-        if flags["initial_weights"] not in (None, "", SHIPPED):  # absolute: the run's config.toml works anywhere
-            flags["initial_weights"] = str(Path(flags["initial_weights"]).resolve())
         from allcnn import training
         from allcnn.distribute import WorkerLost
 
@@ -172,14 +180,14 @@ def train(config_path, data_dir, test_dir, out, resume, overwrite, test, coordin
                 summary = training.resume(out, data_dir=data_dir, test_dir=test_dir, test=test,
                                           recipe=config_path if explicit else None, **flags)
             else:
-                summary = training.train(load_config(config_path, **flags), out, data_dir=data_dir,
-                                         test_dir=test_dir, overwrite=overwrite, test=test)
+                summary = training.train(config, out, data_dir=data_dir, test_dir=test_dir, overwrite=overwrite,
+                                         test=test)
         except KeyboardInterrupt:
             raise click.ClickException(f"interrupted; continue with: allcnn train --resume --out {out}") from None
         except WorkerLost as e:
             # JAX's own shutdown would wait for the lost process, then abort with a
             # stack dump; the message above is what the user needs.
-            click.echo(f"Error: {e}", err=True)
+            _echo_error(str(e))
             sys.stderr.flush()
             sys.stdout.flush()
             os._exit(1)
@@ -225,6 +233,7 @@ def benchmark(precision, batch_sizes, steps, repeats, intra_threads, inter_threa
     import json
 
     with user_errors():
+        _import_keras_quietly()
         from allcnn.benchmark import format_table, run_benchmark
 
         result = run_benchmark(precision, tuple(batch_sizes), steps=steps, repeats=repeats, intra_threads=intra_threads,
@@ -233,7 +242,7 @@ def benchmark(precision, batch_sizes, steps, repeats, intra_threads, inter_threa
     click.echo(json.dumps(result) if as_json else format_table(result))
 
 
-weights_options = [
+network_options = [
     click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
                  help="Keras 3 .weights.h5 (a run's best.weights.h5), .keras, or Keras 2 .hdf5 "
                       "[default: the shipped weights in weights/manifest.json].",),
@@ -241,15 +250,20 @@ weights_options = [
                  help="Model variant, when no config.toml lies beside --weights."),
     click.option("--preprocessing-json", type=click.Path(path_type=Path, dir_okay=False),
                  help="The run's preprocessing.json, when none lies beside --weights."),
-    click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True),
-    click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-                 help="auto: bf16 where the hardware has it natively, else float32 "
-                      "(float32 reproduces the manifest's figures exactly)."),
-    click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
-    click.option("--tta", type=click.Choice(TTA_MODES), default="none", show_default=True,
-                 help="Test-time augmentation: flip averages each image with its mirror."),
     device_option,
 ]
+
+
+def inference_options(precision: str, precision_help: str) -> list:
+    """The options of the commands that classify in batches (evaluate, predict)."""
+    return [
+        click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=precision, show_default=True,
+                     help=precision_help),
+        click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+        click.option("--tta", type=click.Choice(TTA_MODES), default="none", show_default=True,
+                     help="Test-time augmentation: flip averages each image with its mirror."),
+    ]
 
 
 def _parse_indices(ctx, param, value: str | None) -> slice | None:
@@ -263,22 +277,37 @@ def _parse_indices(ctx, param, value: str | None) -> slice | None:
     return slice(first, stop)
 
 
-def _with_options(options: list):
+def _with_options(*option_lists: list):
     def decorate(command):
-        for option in reversed(options):
+        for option in reversed([option for options in option_lists for option in options]):
             command = option(command)
         return command
 
     return decorate
 
 
-_with_weights_options = _with_options(weights_options)
-# Which network, for the commands that take no batch size, precision or --json (explain, export).
-_with_network_options = _with_options([*weights_options[:3], device_option])
+def _resolve(weights, variant, preprocessing_json) -> WeightsSpec:
+    """The weights and what goes with them, read with h5py and json only: a bad file
+    is refused before TensorFlow starts."""
+    return resolve_weights(weights, variant=variant, preprocessing_json=preprocessing_json)
+
+
+def _load(spec: WeightsSpec, precision: str, device: str | None):
+    """The classifier for resolved weights (this is where Keras and TensorFlow start)."""
+    _import_keras_quietly()
+    from allcnn.inference import load_classifier
+
+    return load_classifier(spec, precision=precision, device=device or "auto")
+
+
+def _echo_error(message: str) -> None:
+    """One line on stderr, in click's style for errors (`Error: ...`)."""
+    click.echo(f"Error: {message}", err=True)
 
 
 @main.command()
-@_with_weights_options
+@_with_options(network_options, inference_options(
+    "float32", "float32 reproduces the manifest's figures exactly; auto: bf16 where the hardware has it natively."))
 @data_dir_option
 @dataset_option
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
@@ -291,44 +320,46 @@ _with_network_options = _with_options([*weights_options[:3], device_option])
                    "misclassified in red.")
 @click.option("--samples-out", type=click.Path(path_type=Path, dir_okay=False), default=Path("samples.png"),
               show_default=True, help="Where --plot-samples writes its grid.")
-def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_json, tta, device, data_dir, dataset,
+def evaluate(weights, variant, preprocessing_json, device, batch_size, precision, as_json, tta, data_dir, dataset,
              split, indices, plot, plot_samples, samples_out):
     """Loss, top-1, top-5 and per-class accuracy of weights on their dataset (CIFAR-10, -100, an image folder).
 
     \b
     Example:
-      allcnn evaluate --weights runs/paper/best.weights.h5 --data-dir ../shared/data
-      allcnn evaluate --indices 0:1000 --tta flip --precision float32
-      allcnn evaluate --plot confusion.png --plot-samples 32 --samples-out samples.png
+      allcnn evaluate --data-dir ../shared/data
+      allcnn evaluate --data-dir ../shared/data --indices 0:1000 --tta flip
+      allcnn evaluate --data-dir ../shared/data --plot confusion.png --plot-samples 32 --samples-out samples.png
       allcnn evaluate --weights runs/mine/best.weights.h5 --data-dir my_test_photos
     """
     import json
 
     with user_errors():
+        spec = _resolve(weights, variant, preprocessing_json)
+        if not as_json:  # what is being measured, before the seconds it takes
+            click.echo(f"weights: {spec.path} ({spec.variant}, {precision})")
+        classifier = _load(spec, precision, device)
         from allcnn.evaluation import evaluate as run_evaluation
 
-        result = run_evaluation(weights, data_dir=data_dir, split=split, batch_size=batch_size,
-                                precision=precision, device=device or "auto", variant=variant,
-                                preprocessing_json=preprocessing_json, dataset=dataset or "auto", indices=indices,
-                                tta=tta,
+        result = run_evaluation(classifier, data_dir=data_dir, split=split, batch_size=batch_size,
+                                dataset=dataset or "auto", indices=indices, tta=tta, progress=True,
                                 samples_plot=samples_out if plot_samples else None, samples=plot_samples or 0)
+        subset = f"{split} {result['indices']}" if indices else split
         if plot:
             from allcnn.plots import plot_confusion
 
             plot_confusion(result["confusion"], list(result["per_class"]), plot,
-                           f"{Path(result['weights']).name} on {split}: top-1 {result['top1']:.2%}")
+                           f"{Path(result['weights']).name} on {subset}: top-1 {result['top1']:.2%}")
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"weights: {result['weights']} ({result['variant']}, {result['precision']}, {result['device']})")
-    part = f"images {result['indices']}, " if indices else ""
     tta_note = ", tta flip" if tta != "none" else ""
-    click.echo(f"{split}: {part}{result['images']} images{tta_note} in {result['seconds']:.2f} s "
-               f"({result['images_per_second']:.0f} images/s)")
-    click.echo(f"loss {result['loss']:.4f}   top-1 {result['top1']:.2%}   top-5 {result['top5']:.2%}")
+    click.echo(f"{subset}: {result['images']} images{tta_note} in {result['seconds']:.2f} s "
+               f"({result['images_per_second']:.0f} images/s, {result['precision']}, {result['device']})")
+    top5 = f"   top-5 {result['top5']:.2%}" if "top5" in result else ""
+    click.echo(f"loss {result['loss']:.4f}   top-1 {result['top1']:.2%}{top5}")
     click.echo(f"{'class':<12}accuracy")
     for name, accuracy in result["per_class"].items():
-        click.echo(f"{name:<12}{accuracy:>8.2%}")
+        click.echo(f"{name:<12}{'n/a' if accuracy is None else format(accuracy, '.2%'):>8}")
     if plot:
         click.echo(f"confusion matrix: {plot}")
     if plot_samples:
@@ -337,12 +368,13 @@ def evaluate(weights, variant, preprocessing_json, batch_size, precision, as_jso
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@_with_weights_options
+@_with_options(network_options, inference_options(
+    "auto", "auto: bf16 where the hardware has it natively, else float32 (float32 reproduces evaluate's figures)."))
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True,
               help="Classes per image (at most the weights' number of classes).")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False),
               help="Write a PNG grid of the images with their top class and probability (the first 64).")
-def predict(inputs, weights, variant, preprocessing_json, batch_size, precision, as_json, tta, device, top_k, plot):
+def predict(inputs, weights, variant, preprocessing_json, device, batch_size, precision, as_json, tta, top_k, plot):
     """Classify images (files, folders or globs; any format Pillow reads).
 
     Bad files get one line on stderr; the others are still classified and
@@ -355,16 +387,17 @@ def predict(inputs, weights, variant, preprocessing_json, batch_size, precision,
     """
     import json
 
-    from allcnn.prediction import plot_predictions, predict as run_prediction
+    from allcnn.prediction import check_top_k, plot_predictions, predict as run_prediction
 
-    failed, classified = False, []
+    failed, classified = [], []
     with user_errors():
-        for result in run_prediction(inputs, weights, top_k=top_k, batch_size=batch_size, precision=precision,
-                                     device=device or "auto", variant=variant, preprocessing_json=preprocessing_json,
-                                     tta=tta):
+        spec = _resolve(weights, variant, preprocessing_json)
+        check_top_k(top_k, spec.class_names)
+        classifier = _load(spec, precision, device)
+        for result in run_prediction(inputs, classifier, top_k=top_k, batch_size=batch_size, tta=tta, progress=True):
             if "error" in result:
-                failed = True
-                click.echo(f"error: {result['error']}", err=True)
+                failed.append(result["error"])
+                _echo_error(result["error"])
             elif as_json:
                 click.echo(json.dumps(result))
             else:
@@ -382,7 +415,7 @@ def predict(inputs, weights, variant, preprocessing_json, batch_size, precision,
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@_with_network_options
+@_with_options(network_options)
 @click.option("--class", "class_name", default="top", show_default=True, metavar="NAME|top",
               help="The class to explain, one of the weights' (CIFAR-10: airplane ... truck); "
                    "top: each image's predicted class.")
@@ -402,16 +435,18 @@ def explain(inputs, weights, variant, preprocessing_json, device, class_name, me
       allcnn explain cat.jpg photos/ --out maps
       allcnn explain cat.jpg --method gradcam --class dog
     """
-    from allcnn.explain import explain as run_explain, save_explanations
+    from allcnn.explain import check_request, explain as run_explain, save_explanations
     from allcnn.images import ImageError
 
-    explained, failed = [], False
+    explained, failed = [], []
     with user_errors():
-        for result in run_explain(inputs, weights, method=method, class_name=class_name, device=device or "auto",
-                                  variant=variant, preprocessing_json=preprocessing_json):
+        spec = _resolve(weights, variant, preprocessing_json)
+        check_request(method, class_name, spec.class_names)
+        classifier = _load(spec, "float32", device)  # gradients in bf16 would be too coarse
+        for result in run_explain(inputs, classifier, method=method, class_name=class_name, progress=True):
             if isinstance(result, ImageError):
-                failed = True
-                click.echo(f"error: {result}", err=True)
+                failed.append(str(result))
+                _echo_error(str(result))
             else:
                 explained.append(result)
         written = save_explanations(explained, out)
@@ -424,7 +459,7 @@ def explain(inputs, weights, variant, preprocessing_json, device, class_name, me
 
 
 @main.command()
-@_with_network_options
+@_with_options(network_options)
 @click.option("--format", "format_", type=click.Choice(EXPORT_FORMATS), required=True,
               help="onnx (.onnx, onnxruntime), tflite (.tflite, LiteRT) or saved_model (a folder, TensorFlow).")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
@@ -443,11 +478,12 @@ def export(weights, variant, preprocessing_json, device, format_, out, overwrite
       allcnn export --format onnx --out allcnn.onnx
       allcnn export --weights runs/paper/best.weights.h5 --format tflite --out allcnn.tflite
     """
-    from allcnn.export import export as run_export, spec_path
+    from allcnn.export import check_target, export as run_export, spec_path
 
     with user_errors():
-        spec = run_export(weights, format=format_, out=out, overwrite=overwrite, device=device or "auto",
-                          variant=variant, preprocessing_json=preprocessing_json)
+        spec = _resolve(weights, variant, preprocessing_json)
+        check_target(format_, out, overwrite)
+        spec = run_export(_load(spec, "float32", device), format=format_, out=out, overwrite=overwrite)
     check = spec["check"]
     click.echo(f"exported {spec['source_weights']['path']} as {format_}: {out} (description: {spec_path(out)})")
     click.echo(f"checked with {check['runtime']} on {check['images']} images: probabilities within "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import sys
@@ -88,7 +89,9 @@ class TrainConfig:
     # recompiled for `epochs` more epochs at `lr` with `schedule`.
     head_epochs: int = 0
     head_lr: float = 0.01
-    val_size: int = 5000
+    # Training images held out for validation; 0: the dataset's default (see `allcnn.data.hold_out`),
+    # 5,000 of CIFAR, 10% of an image folder with at least one image of each class.
+    val_size: int = 0
     # A fraction of the training images to hold out instead of `val_size` (0: use val_size).
     val_split: float = 0.0
     seed: int = 0
@@ -120,8 +123,7 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        for key in ("epochs", "batch_size", "val_size", "data_workers", "steps_per_execution"):
-            # val_size: the best epoch is chosen on it
+        for key in ("epochs", "batch_size", "data_workers", "steps_per_execution"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
         for key in (f.name for f in fields(self) if f.type == "float"):  # nan passes every comparison below
@@ -130,7 +132,7 @@ class TrainConfig:
         for key in ("lr", "head_lr"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
-        for key in ("weight_decay", "time_decay", "warmup_epochs", "translate", "head_epochs"):
+        for key in ("weight_decay", "time_decay", "warmup_epochs", "translate", "head_epochs", "val_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must not be negative, got {getattr(self, key)}")
         for key in ("label_smoothing", "input_dropout", "dropout", "momentum", "ema_momentum", "val_split"):
@@ -152,18 +154,9 @@ class TrainConfig:
         """The epochs of the run: the classifier-only ones first, if any."""
         return self.head_epochs + self.epochs
 
-    def val_count(self, images: int) -> int:
-        """How many of `images` training images are held out for validation."""
-        return val_count(self.val_size, self.val_split, images)
-
     def to_toml(self) -> str:
         """The resolved recipe as TOML (flat scalars and lists only)."""
         return "".join(f"{k} = {_toml_value(v)}\n" for k, v in dataclasses.asdict(self).items())
-
-
-def val_count(val_size: int, val_split: float, images: int) -> int:
-    """The validation images held out of `images`: the fraction `val_split` if given, else `val_size`."""
-    return round(val_split * images) if val_split else val_size
 
 
 def _toml_value(value) -> str:
@@ -191,13 +184,32 @@ _TYPE_NAMES = {"str": str, "int": int, "float": float, "bool": bool, "list[int]"
 _TYPES = {f.name: _TYPE_NAMES[f.type] for f in fields(TrainConfig)}
 
 
+# Keras and PyTorch names that difflib finds nothing (or the wrong thing) close to; it finds
+# lr_schedule, ema, validation_split, num_epochs and the like itself.
+_ALIASES = {"learning_rate": "lr", "decay": "weight_decay, or time_decay (Keras 2's decay)",
+            "gamma": "lr_decay_factor"}
+
+
+def _unknown_key(key: str) -> ConfigError:
+    """The error for an unknown key, naming the key meant where it can be guessed."""
+    near = _ALIASES.get(key) or (difflib.get_close_matches(key, _TYPES, n=1) or [None])[0]
+    return ConfigError(f"{key}: unknown key; did you mean {near}?" if near
+                       else f"{key}: unknown key (known: {', '.join(_TYPES)})")
+
+
 def make_config(base: dict | None = None, **overrides) -> TrainConfig:
-    """Builds a validated config from a recipe dict plus overrides (None = keep)."""
+    """Builds a validated config from a recipe dict plus overrides (None = keep).
+
+    An overridden `val_size` without an overridden `val_split` sets val_split to 0:
+    the count asked for beats a recipe's fraction (finetune's 0.2)."""
     values = dict(base or {})
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "val_size" in overrides and "val_split" not in overrides:
+        overrides["val_split"] = 0.0
+    values.update(overrides)
     unknown = sorted(set(values) - set(_TYPES))
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(_TYPES)})")
+        raise _unknown_key(unknown[0])
     checked = {k: _check_type(k, v, _TYPES[k]) for k, v in values.items()}
     return TrainConfig(**checked).validate()
 

@@ -52,6 +52,10 @@ META_FILE = "batches.meta"
 FOLDER = "cifar-10-batches-py"
 ARCHIVE = "cifar-10-python.tar.gz"
 ENV_VAR = "ALLCNN_DATA_DIR"
+# Training images held out for validation by default (see `hold_out`): CIFAR's 5,000 (as the
+# paper), an image folder's 10%.
+CIFAR_VAL_SIZE = 5000
+FOLDER_VAL_FRACTION = 0.1
 
 # The same globals Keras 3.15 admits when it unpickles its datasets
 # (keras/src/datasets/npz_utils.py): what it takes to rebuild a numpy array,
@@ -374,8 +378,41 @@ def load_dataset(name: str = "auto", data_dir: str | os.PathLike | None = None, 
     return Dataset(name, (x, y), test, names, tuple(skipped))
 
 
+def hold_out(x: np.ndarray, y: np.ndarray, dataset: str, val_size: int = 0, val_split: float = 0.0,
+             seed: int = 0) -> tuple[tuple, tuple]:
+    """Splits a dataset's training images into (train, validation) as a run's config says; training
+    and `evaluate --split val` both call it, so that they agree on the images.
+
+    The fraction `val_split` if given, else `val_size`, else the dataset's default: CIFAR's
+    `CIFAR_VAL_SIZE`, or for an image folder (`dataset` "folder") `FOLDER_VAL_FRACTION` of it
+    and at least one image of each class, each class's first in the seeded order, then the
+    next ones (a small folder would otherwise leave a class unvalidated). Explicit settings
+    hold out the images `train_val_split` always has, so a run keeps its validation set.
+
+    Raises:
+        DatasetError: nothing held out, or nothing left to train on.
+    """
+    folder_default = dataset == "folder" and not (val_size or val_split)
+    if val_split:
+        count = round(val_split * len(x))
+    elif folder_default:
+        count = max(round(FOLDER_VAL_FRACTION * len(x)), len(np.unique(y)))
+    else:
+        count = val_size or CIFAR_VAL_SIZE
+    if not 1 <= count < len(x):
+        raise DatasetError(f"{count} validation images of {len(x)}: hold out at least one and leave some "
+                           "to train on (--val-size N or --val-split FRACTION)")
+    if not folder_default:
+        return train_val_split(x, y, count, seed)
+    order = np.random.default_rng(seed).permutation(len(x))
+    firsts = order[np.sort(np.unique(y[order], return_index=True)[1])]
+    rest = order[~np.isin(order, firsts)]
+    val, train = np.concatenate([firsts, rest[:count - len(firsts)]]), rest[count - len(firsts):]
+    return (x[train], y[train]), (x[val], y[val])
+
+
 def train_val_split(
-    x: np.ndarray, y: np.ndarray, val_size: int = 5000, seed: int = 0
+    x: np.ndarray, y: np.ndarray, val_size: int = CIFAR_VAL_SIZE, seed: int = 0
 ) -> tuple[tuple, tuple]:
     """Holds out `val_size` seeded random training images for model selection."""
     if not 0 <= val_size < len(x):

@@ -8,48 +8,47 @@ import time
 
 import numpy as np
 
-from allcnn.config import ConfigError, val_count
-from allcnn.inference import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION, load_classifier
+from allcnn.config import ConfigError
+from allcnn.inference import DEFAULT_BATCH_SIZE, Classifier, Progress
 
 SPLITS = ("test", "val")
 
 
 def metrics(probabilities: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]) -> dict:
-    """Cross-entropy loss, top-1, top-5, per-class accuracy and the confusion matrix."""
+    """Cross-entropy loss, top-1, top-5, per-class accuracy and the confusion matrix.
+
+    Top-5 is left out for 5 classes or fewer, where it is always 100%; a class with
+    no image among `labels` has accuracy None (n/a), not 0.
+    """
     labels = np.asarray(labels, dtype=np.int64)
     picked = probabilities[np.arange(len(labels)), labels].astype(np.float64)
     top5 = np.argsort(-probabilities, axis=1)[:, :5]
     predicted = top5[:, 0]
     classes = len(class_names)
     confusion = np.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
-    per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
-    return {
-        "loss": float(-np.log(np.clip(picked, 1e-7, 1.0)).mean()),
-        "top1": float((predicted == labels).mean()),
-        "top5": float((top5 == labels[:, None]).any(axis=1).mean()),
-        "per_class": dict(zip(class_names, per_class.round(6).tolist())),
-        "confusion": confusion.tolist(),
-    }
+    images = confusion.sum(axis=1)
+    per_class = [round(float(right / n), 6) if n else None for right, n in zip(np.diag(confusion), images)]
+    result = {"loss": float(-np.log(np.clip(picked, 1e-7, 1.0)).mean()), "top1": float((predicted == labels).mean())}
+    if classes > 5:
+        result["top5"] = float((top5 == labels[:, None]).any(axis=1).mean())
+    return {**result, "per_class": dict(zip(class_names, per_class)), "confusion": confusion.tolist()}
 
 
 def evaluate(
-    weights: str | os.PathLike | None = None,
+    classifier: Classifier,
     *,
     data_dir: str | os.PathLike | None = None,
     split: str = "test",
     batch_size: int = DEFAULT_BATCH_SIZE,
-    precision: str = DEFAULT_PRECISION,
-    device: str = "auto",
-    variant: str | None = None,
-    preprocessing_json: str | os.PathLike | None = None,
-    weights_dir: str | os.PathLike | None = None,
     dataset: str = "auto",
     indices: slice | None = None,
     tta: str = "none",
     samples_plot: str | os.PathLike | None = None,
     samples: int = 16,
+    progress: bool = False,
 ) -> dict:
-    """Evaluates weights on the test split or the run's held-out validation split.
+    """Evaluates a classifier (see `allcnn.inference.load_classifier`) on the test split
+    or its run's held-out validation split.
 
     `dataset` and `data_dir` as for `allcnn.data.load_dataset`: for an image
     folder, `test` is every image in it, labelled by its class folder (the
@@ -60,24 +59,22 @@ def evaluate(
     CIFAR-10, test images 0..999 are the exact official pixels. `tta="flip"` averages
     each image with its mirror. `samples_plot` writes a PNG grid of the first `samples`
     images evaluated, with their predicted and true classes (see `plot_samples`).
+    `progress` shows a progress bar on stderr when that is a terminal.
     """
     from allcnn import data
 
     if split not in SPLITS:
         raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-    classifier = load_classifier(weights, variant=variant, preprocessing_json=preprocessing_json,
-                                 precision=precision, device=device, weights_dir=weights_dir)
     x_train, y_train, x, y = _split_source(classifier, dataset, data_dir)
     if split == "val":
         spec = classifier.spec
-        held_out = val_count(spec.val_size, spec.val_split, len(x_train))
-        _, (x, y) = data.train_val_split(x_train, y_train, held_out, spec.seed)
+        _, (x, y) = data.hold_out(x_train, y_train, spec.dataset, spec.val_size, spec.val_split, spec.seed)
     first, stop, _ = (indices or slice(None)).indices(len(x))
     x, y = x[first:stop], y[first:stop]
     if not len(x):
         raise ConfigError(f"indices {first}:{stop} select no images of the {split} split")
     start = time.perf_counter()
-    probabilities = classifier.probabilities(x, batch_size, tta)
+    probabilities = classifier.probabilities(x, batch_size, tta, Progress(len(x), progress))
     seconds = time.perf_counter() - start
     if samples_plot is not None:
         plot_samples(x[:samples], y[:samples], probabilities[:samples], samples_plot, classifier.class_names,

@@ -25,6 +25,7 @@ maps look alike; we show the input gradient as it is.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,8 @@ import numpy as np
 
 from allcnn.config import EXPLAIN_METHODS as METHODS, ConfigError
 from allcnn.errors import AllcnnError
-from allcnn.inference import Classifier, load_classifier
-from allcnn.images import ImageError, load_batches
+from allcnn.images import ImageError, expand_inputs, load_batches
+from allcnn.inference import Classifier, Progress, check_float32
 
 TOP = "top"
 # A guided gradient is drawn with this percentile of |gradient| at full scale, so that a few
@@ -181,7 +182,8 @@ def to_display(explanation: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Explanation:
-    """One image explained: `map` is (H, W, 3) for `guided` (the raw gradient), else (H, W) in [0, 1]."""
+    """One image explained: `map` is (H, W, 3) for `guided` (the raw gradient), (H, W) |gradient| for
+    `saliency`, and (H, W) in [0, 1] for `gradcam`."""
 
     path: str
     image: np.ndarray
@@ -192,14 +194,15 @@ class Explanation:
     map: np.ndarray
 
 
-def _check_method(method: str) -> None:
+def check_request(method: str, class_name: str, names: tuple[str, ...]) -> None:
+    """Refuses an unknown method or class (one of `names`, or `top`) before any work."""
     if method not in METHODS:
         raise ConfigError(f"method {method!r} is not one of {', '.join(METHODS)}")
-
-
-def _check_class(class_name: str, names: tuple[str, ...]) -> None:
     if class_name != TOP and class_name not in names:
-        raise ConfigError(f"class {class_name!r} is not {TOP} nor one of {', '.join(names)}")
+        close = difflib.get_close_matches(class_name, names, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"class {class_name!r} is not one of the weights' classes; {hint}"
+                          f"pass {TOP} or one of {', '.join(names)}")
 
 
 def explain_arrays(classifier: Classifier, images: np.ndarray, *, method: str = "guided",
@@ -209,8 +212,7 @@ def explain_arrays(classifier: Classifier, images: np.ndarray, *, method: str = 
     `class_name` is one of the classifier's classes, or `"top"` for each image's predicted class.
     `probabilities` are the softmax outputs (N, classes) of the classifier.
     """
-    _check_method(method)
-    _check_class(class_name, classifier.class_names)
+    check_request(method, class_name, classifier.class_names)
     probabilities = classifier.probabilities(images)
     classes = (probabilities.argmax(axis=1) if class_name == TOP
                else np.full(len(images), classifier.class_names.index(class_name)))
@@ -220,27 +222,25 @@ def explain_arrays(classifier: Classifier, images: np.ndarray, *, method: str = 
 
 def explain(
     inputs: Iterable[str | os.PathLike],
-    weights: str | os.PathLike | None = None,
+    classifier: Classifier,
     *,
     method: str = "guided",
     class_name: str = TOP,
     batch_size: int = 32,
-    device: str = "auto",
-    variant: str | None = None,
-    preprocessing_json: str | os.PathLike | None = None,
-    weights_dir: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> Iterator[Explanation | ImageError]:
     """Yields, in input order, an `Explanation` per image, or the `ImageError` of a bad file.
 
-    Inputs are files, folders or globs as for `predict`. The model is built in
-    float32 whatever the hardware: gradients in bf16 would be too coarse.
+    Inputs are files, folders or globs as for `predict`. `classifier` must be float32
+    (`load_classifier(..., precision="float32")`): gradients in bf16 would be too coarse.
+    `progress` shows a progress bar on stderr, when that is a terminal, for 100 images or more.
     """
-    _check_method(method)
-    classifier = load_classifier(weights, variant=variant, preprocessing_json=preprocessing_json,
-                                 precision="float32", device=device, weights_dir=weights_dir)
+    check_float32(classifier, "explain")
     names = classifier.class_names
-    _check_class(class_name, names)  # before any image, so a bad flag is reported even if none loads
-    for batch in load_batches(inputs, batch_size, classifier.image_size):
+    check_request(method, class_name, names)  # before any image: a bad flag is reported even if none loads
+    files = list(expand_inputs(inputs))
+    bar = Progress(len(files), progress)
+    for batch in load_batches(files, batch_size, classifier.image_size):
         good = [(path, image) for path, image in batch if not isinstance(image, ImageError)]
         results = {}
         if good:
@@ -250,8 +250,14 @@ def explain(
                 top = int(p.argmax())
                 results[path] = Explanation(str(path), image, method, names[c], names[top],
                                             float(p[top]), m)
+        bar.add(len(batch))
         for path, image in batch:
             yield image if isinstance(image, ImageError) else results[path]
+
+
+# Colorbar labels: both maps are divided by their own maximum (`gradcam`, `to_display`), so 1 is
+# the image's peak, not an absolute value. A guided gradient is RGB: no single scale, no bar.
+_SCALES = {"gradcam": "relevance (÷ its max)", "saliency": "|gradient| (÷ its max)"}
 
 
 def panels(explanation: Explanation) -> list:
@@ -262,7 +268,8 @@ def panels(explanation: Explanation) -> list:
     e = explanation
     shown = e.image if e.method == "gradcam" else to_display(e.map)
     return [Panel(e.image, f"{Path(e.path).name}\n{e.predicted} {e.probability:.0%}"),
-            Panel(shown, f"{e.method}: {e.explained}", overlay=e.map if e.method == "gradcam" else None)]
+            Panel(shown, f"{e.method}: {e.explained}", overlay=e.map if e.method == "gradcam" else None,
+                  scale=_SCALES.get(e.method))]
 
 
 def save_explanations(explanations: list[Explanation], out: str | os.PathLike) -> list[Path]:

@@ -32,7 +32,7 @@ import numpy as np
 
 from allcnn.config import ConfigError
 from allcnn.errors import AllcnnError
-from allcnn.inference import Classifier, dtype_policy, load_classifier
+from allcnn.inference import Classifier, check_float32, dtype_policy
 
 # float32 through different kernels (oneDNN in Keras, the runtimes' own): the probabilities
 # measured here agreed to ~1e-6; a real mismatch (wrong preprocessing, dropout left on) is > 1e-2.
@@ -217,27 +217,13 @@ def spec_path(out: str | os.PathLike) -> Path:
     return Path(f"{out}.json")
 
 
-def export(
-    weights: str | os.PathLike | None = None,
-    *,
-    format: str,
-    out: str | os.PathLike,
-    overwrite: bool = False,
-    device: str = "auto",
-    variant: str | None = None,
-    preprocessing_json: str | os.PathLike | None = None,
-    weights_dir: str | os.PathLike | None = None,
-) -> dict:
-    """Exports weights to `out` in `format` (see `FORMATS`), checks it with its runtime,
-    and writes `<out>.json`; returns that JSON's contents.
+def check_target(format: str, out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuses, before any model is built, an unknown format, a wrong suffix, an `out` that
+    exists without `overwrite`, or a converter or runtime that is not installed.
 
     Raises:
-        ConfigError: an unknown format, a wrong suffix, or `out` existing without `overwrite`.
-        ExportError: a missing package, or an export that does not match Keras.
+        ConfigError, ExportError: with one line.
     """
-    from allcnn.files import atomic_write, atomic_write_directory, atomic_write_text
-    from allcnn.manifest import sha256
-
     if format not in FORMATS:
         raise ConfigError(f"format {format!r} is not one of {', '.join(FORMATS)}")
     kind, out = FORMATS[format], Path(out)
@@ -247,8 +233,23 @@ def export(
         raise ConfigError(f"--out {out} exists; pass --overwrite to replace it")
     _require(kind.converters, f"export to {format}")
     _require((kind.runtime,), f"checking the {format} file")
-    classifier = load_classifier(weights, variant=variant, preprocessing_json=preprocessing_json,
-                                 precision="float32", device=device, weights_dir=weights_dir)
+
+
+def export(classifier: Classifier, *, format: str, out: str | os.PathLike, overwrite: bool = False) -> dict:
+    """Exports a float32 classifier (`load_classifier(..., precision="float32")`) to `out`
+    in `format` (see `FORMATS`), checks it with its runtime, and writes `<out>.json`;
+    returns that JSON's contents.
+
+    Raises:
+        ConfigError: see `check_target`; a classifier that is not float32.
+        ExportError: a missing package, or an export that does not match Keras.
+    """
+    from allcnn.files import atomic_write, atomic_write_directory, atomic_write_text
+    from allcnn.manifest import sha256
+
+    check_target(format, out, overwrite)
+    check_float32(classifier, "export")
+    kind, out = FORMATS[format], Path(out)
     model = deployable_model(classifier)
     target = atomic_write(out, suffix=kind.suffix) if kind.suffix else atomic_write_directory(out)
     with target as tmp, _quiet_converters():

@@ -101,13 +101,13 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> Iterator[Path | ImageE
             yield from [Path(p) for p in sorted(glob.glob(str(item)))] or [ImageError(f"{item}: no files match")]
 
 
-def load_batches(inputs: Iterable[str | os.PathLike], batch_size: int,
+def load_batches(files: Iterable[Path | ImageError], batch_size: int,
                  size: int = SIZE) -> Iterator[list[tuple[Path | None, np.ndarray | ImageError]]]:
-    """The inputs expanded (see `expand_inputs`) and decoded (`size` x `size`) `batch_size` at a time, in order:
+    """Files (`expand_inputs`' items) decoded (`size` x `size`) `batch_size` at a time, in order:
     `(path, uint8 image)`, or `(path, ImageError)` for a bad one (path `None` for a pattern
     that matched nothing), so a folder of any size streams with bounded memory."""
     batch: list[tuple[Path | None, np.ndarray | ImageError]] = []
-    for item in expand_inputs(inputs):
+    for item in files:
         batch.append((None, item) if isinstance(item, ImageError) else (item, load_or_error(item, size)))
         if len(batch) == batch_size:
             yield batch

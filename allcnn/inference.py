@@ -16,17 +16,39 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Callable, Iterator
 
 import numpy as np
 
-from allcnn.config import TTA_MODES, ConfigError
-from allcnn.preprocessing import Preprocessing
+from allcnn.config import PRECISIONS, TTA_MODES, ConfigError
 from allcnn.manifest import WeightsSpec, resolve_weights
+from allcnn.preprocessing import Preprocessing
 
-INFERENCE_PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 DEFAULT_PRECISION = "auto"
 DEFAULT_BATCH_SIZE = 256
+# A command shows a progress bar for at least this many images: fewer finish at once.
+PROGRESS_MIN_IMAGES = 100
+
+
+class Progress:
+    """Keras' `Progbar` over `total` images, on stderr (stdout keeps the results, which
+    may be piped) and only when stderr is a terminal; otherwise it does nothing."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self._bar, self._done = None, 0
+        if enabled and total >= PROGRESS_MIN_IMAGES and sys.stderr.isatty():
+            import keras
+
+            with contextlib.redirect_stdout(sys.stderr):  # Progbar writes to sys.stdout
+                self._bar = keras.utils.Progbar(total, unit_name="image")
+
+    def add(self, images: int) -> None:
+        """Counts `images` more as done."""
+        if self._bar is not None:
+            self._done += images
+            with contextlib.redirect_stdout(sys.stderr):
+                self._bar.update(self._done)
 
 
 @contextlib.contextmanager
@@ -88,8 +110,10 @@ class Classifier:
     def image_size(self) -> int:
         return self.model.input_shape[1]
 
-    def probabilities(self, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, tta: str = "none") -> np.ndarray:
-        """float32 (N, classes): preprocessing and forward pass, batch by batch (see `TTA_MODES`)."""
+    def probabilities(self, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE, tta: str = "none",
+                      progress: Progress | None = None) -> np.ndarray:
+        """float32 (N, classes): preprocessing and forward pass, batch by batch (see `TTA_MODES`),
+        each batch counted on `progress`."""
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
         if tta not in TTA_MODES:
@@ -102,11 +126,20 @@ class Classifier:
             if tta == "flip":  # the mirror image, preprocessed like any other
                 mirrored = self._forward(self.preprocessing(batch[:, :, ::-1]))
                 out[start : start + len(batch)] = (out[start : start + len(batch)] + mirrored) / 2
+            if progress is not None:
+                progress.add(len(batch))
         return out
 
 
+def check_float32(classifier: Classifier, purpose: str) -> None:
+    """Refuses a classifier built in reduced precision where its numbers would be too coarse."""
+    if classifier.precision != "float32":
+        raise ConfigError(f"{purpose} needs a float32 classifier, got {classifier.precision}: "
+                          "load_classifier(..., precision='float32')")
+
+
 def load_classifier(
-    weights: str | os.PathLike | None = None,
+    weights: str | os.PathLike | WeightsSpec | None = None,
     *,
     variant: str | None = None,
     preprocessing_json: str | os.PathLike | None = None,
@@ -114,7 +147,8 @@ def load_classifier(
     device: str = "auto",
     weights_dir: str | os.PathLike | None = None,
 ) -> Classifier:
-    """Resolves the weights (see `resolve_weights`), builds the model and loads them.
+    """Resolves the weights (see `resolve_weights`; a `WeightsSpec` is taken as resolved),
+    builds the model and loads them.
 
     Weights of a network trained with batch norm come back folded (`fold_batch_norm`):
     the same probabilities (to float32 rounding) from the plain All-CNN-C.
@@ -126,9 +160,10 @@ def load_classifier(
     from allcnn.model import build_model, fold_batch_norm
     from allcnn.weights_io import load_weights
 
-    if precision not in INFERENCE_PRECISIONS:
-        raise ConfigError(f"precision {precision!r} is not one of {', '.join(INFERENCE_PRECISIONS)}")
-    spec = resolve_weights(weights, variant=variant, preprocessing_json=preprocessing_json, weights_dir=weights_dir)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    spec = weights if isinstance(weights, WeightsSpec) else resolve_weights(
+        weights, variant=variant, preprocessing_json=preprocessing_json, weights_dir=weights_dir)
     gpu = hardware.select_device(device)
     policy = hardware.choose_precision(gpu)[0] if precision == "auto" else precision
     with dtype_policy(policy):

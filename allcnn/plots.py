@@ -73,16 +73,21 @@ class Panel:
 
     `image` is RGB (H, W, 3), uint8 or float in [0, 1], or a map (H, W) in [0, 1];
     `overlay`, a map (H, W) in [0, 1], is drawn over it as a translucent heat map.
+    `scale`, when given, labels a colorbar of the map (the overlay if any, else the image),
+    so a reader can tell what a colour means.
     """
 
     image: np.ndarray
     caption: str = ""
     color: str = "black"
     overlay: np.ndarray | None = None
+    scale: str | None = None
 
 
-def plot_panels(panels: list[Panel], path: str | Path, columns: int, title: str | None = None) -> None:
-    """Panels in a grid, `columns` wide, each with its caption above it in its colour."""
+def panel_figure(panels: list[Panel], columns: int, title: str | None = None):
+    """The Figure of `plot_panels`, not saved: its axes can be inspected."""
+    from matplotlib.cm import ScalarMappable
+
     rows = max(1, math.ceil(len(panels) / columns))
     fig = _figure(figsize=(1.9 * columns, 2.0 * rows + (0.4 if title else 0)), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False)
@@ -90,13 +95,23 @@ def plot_panels(panels: list[Panel], path: str | Path, columns: int, title: str 
         ax.axis("off")
     for ax, panel in zip(axes.flat, panels):
         # 32x32 pixels drawn as blocks, as they are; a map in [0, 1] in one colour scale
-        ax.imshow(panel.image, cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
+        drawn = ax.imshow(panel.image, cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
         if panel.overlay is not None:
-            ax.imshow(panel.overlay, cmap="jet", vmin=0, vmax=1, alpha=0.45, interpolation="bilinear")
+            drawn = ax.imshow(panel.overlay, cmap="jet", vmin=0, vmax=1, alpha=0.45, interpolation="bilinear")
+        if panel.scale:  # the colormap at full opacity: a translucent overlay's bar would look washed out
+            bar = fig.colorbar(ScalarMappable(drawn.norm, drawn.cmap), ax=ax, fraction=0.046, pad=0.03,
+                               ticks=[0, 0.5, 1])
+            bar.set_label(panel.scale, fontsize=7)
+            bar.ax.tick_params(labelsize=7)
         ax.set_title(panel.caption, color=panel.color, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    return fig
+
+
+def plot_panels(panels: list[Panel], path: str | Path, columns: int, title: str | None = None) -> None:
+    """Panels in a grid, `columns` wide, each with its caption above it in its colour."""
+    _save(panel_figure(panels, columns, title), path)
 
 
 def plot_labelled_images(images, captions: list[str], path: str | Path, *, colors: list[str] | None = None,

@@ -8,34 +8,42 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from allcnn.images import ImageError, load_batches, load_image
-from allcnn.inference import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION, load_classifier
+from allcnn.config import ConfigError
+from allcnn.images import ImageError, expand_inputs, load_batches, load_image
+from allcnn.inference import DEFAULT_BATCH_SIZE, Classifier, Progress
+
+
+def check_top_k(top_k: int, class_names: tuple[str, ...]) -> None:
+    """Refuses more classes per image than the weights have."""
+    if not 1 <= top_k <= len(class_names):
+        raise ConfigError(f"--top-k {top_k}: the weights classify {len(class_names)} classes; "
+                          f"pass 1..{len(class_names)}")
 
 
 def predict(
     inputs: Iterable[str | os.PathLike],
-    weights: str | os.PathLike | None = None,
+    classifier: Classifier,
     *,
     top_k: int = 3,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    precision: str = DEFAULT_PRECISION,
-    device: str = "auto",
-    variant: str | None = None,
-    preprocessing_json: str | os.PathLike | None = None,
-    weights_dir: str | os.PathLike | None = None,
     tta: str = "none",
+    progress: bool = False,
 ) -> Iterator[dict]:
     """Yields, in input order, `{"path", "top": [{"class", "probability"}]}` or `{"path", "error"}`.
 
-    Images are decoded and classified `batch_size` at a time, so a folder of
-    any size streams with bounded memory. `tta="flip"` averages each image with its mirror.
+    `classifier` from `allcnn.inference.load_classifier`. Images are decoded and classified
+    `batch_size` at a time, so a folder of any size streams with bounded memory.
+    `tta="flip"` averages each image with its mirror. `progress` shows a progress bar on
+    stderr, when that is a terminal, for 100 images or more.
     """
-    classifier = load_classifier(weights, variant=variant, preprocessing_json=preprocessing_json,
-                                 precision=precision, device=device, weights_dir=weights_dir)
     names = classifier.class_names
-    for batch in load_batches(inputs, batch_size, classifier.image_size):
+    check_top_k(top_k, names)
+    files = list(expand_inputs(inputs))
+    bar = Progress(len(files), progress)
+    for batch in load_batches(files, batch_size, classifier.image_size):
         good = [(path, image) for path, image in batch if not isinstance(image, ImageError)]
         probabilities = classifier.probabilities(np.stack([image for _, image in good]), tta=tta) if good else []
+        bar.add(len(batch))
         by_path = {path: p for (path, _), p in zip(good, probabilities)}
         for path, image in batch:
             if isinstance(image, ImageError):

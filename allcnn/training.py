@@ -3,105 +3,35 @@
 `train` starts a run, `resume` continues one from its last completed epoch,
 exactly, after any interruption (kill -9 included). The run folder's files are
 `allcnn.run_folder`'s business and the callbacks that write them
-`allcnn.callbacks`'; here are the learning-rate schedule, the model's
-compilation and the training loop.
+`allcnn.callbacks`', the optimizer and lr schedule `allcnn.optim`'s, the
+starting weights `allcnn.initial_weights`'; here is the run itself: its phases,
+data, batches, training loop and summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import keras
-import numpy as np
-from keras import ops
 
 from allcnn import data, distribute, hardware
 from allcnn.callbacks import EpochStats, NanStop, RunBackup, SwapEMAWeights, writer_callbacks
-from allcnn.config import EXECUTION_KEYS, SHIPPED, ConfigError, TrainConfig, load_config
+from allcnn.config import EXECUTION_KEYS, ConfigError, TrainConfig, load_config
 from allcnn.distribute import Replicas, WorkerLost, is_worker_loss
-from allcnn.inference import dtype_policy
-from allcnn.model import build_model, freeze_base, unfold_batch_norm
+from allcnn.evaluation import metrics
+from allcnn.inference import dtype_policy, load_classifier
+from allcnn.initial_weights import check_initial_weights, load_initial_weights, starting_weights
+from allcnn.optim import compile_model
 from allcnn.pipeline import CifarBatches, EpochSeeder
-from allcnn.preprocessing import Preprocessing, fit_preprocessing
+from allcnn.preprocessing import fit_preprocessing
 from allcnn.run_folder import RunError, RunFolder, best_val_accuracy
+from allcnn.weights_io import load_weights
 
 VAL_BATCH = 500
-# Training images whose conv outputs give a batch-norm run started from plain weights its statistics.
-UNFOLD_IMAGES = 5000
-
-
-@keras.saving.register_keras_serializable("allcnn")
-class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """The lr per step: linear warm-up, then `step`, `cosine`, `onecycle` or `constant`.
-
-    `step` multiplies by `decay_factor` at each epoch in `milestones` (the
-    paper's x0.1 at 200, 250, 300); `cosine` anneals to 0 at the last step;
-    `onecycle` rises linearly for the warm-up (30% of the run if none is
-    given) and falls linearly to 0. `time_decay` is Keras 2's `decay`:
-    lr / (1 + time_decay * step).
-
-    Keras' own schedules compute what they give the same float32 values for
-    (bit for bit, in the optimizer's compiled step as eagerly;
-    tests/test_training.py checks every step against the formulas they
-    replaced): `step` is `PiecewiseConstantDecay`, and the lr with its
-    `time_decay` is `InverseTimeDecay` (a rounding apart where a time decay
-    meets a warm-up or another schedule, which no recipe has). A run resumed
-    by a newer allcnn must go on with the lr it was trained with, so two parts
-    stay formulas: the warm-up, since `CosineDecay(warmup_steps=w)` starts at
-    its initial lr at step 0 and reaches the peak at step w, where ours is
-    lr * (step + 1) / w, the peak at the last warm-up step; and the cosine
-    itself, since in a TensorFlow graph Grappler's constant folding regroups
-    CosineDecay's arithmetic, a rounding apart at some steps (with constant
-    folding off the values agree). Keras has no one-cycle schedule.
-    """
-
-    def __init__(self, lr, steps_per_epoch, epochs, schedule="step", warmup_epochs=0,
-                 milestones=(), decay_factor=0.1, time_decay=0.0):
-        self.lr, self.steps_per_epoch, self.epochs = lr, steps_per_epoch, epochs
-        self.schedule, self.warmup_epochs = schedule, warmup_epochs
-        self.milestones, self.decay_factor, self.time_decay = list(milestones), decay_factor, time_decay
-        total = float(epochs * steps_per_epoch)
-        warmup = float(warmup_epochs * steps_per_epoch)
-        self._warmup_steps = 0.3 * total if schedule == "onecycle" and not warmup else warmup
-        self._decay_steps = max(total - self._warmup_steps, 1.0)
-        schedules = keras.optimizers.schedules
-        # The lr is lr / (1 + time_decay * step), times the schedule's factor (1 at the peak).
-        self._lr = schedules.InverseTimeDecay(lr, decay_steps=1, decay_rate=time_decay)
-        # Milestone m (an epoch) takes effect at its first step, m * steps_per_epoch: after the boundary before it.
-        # The factors are float32 powers, as the formula before computed them, so the lr stays the same bits.
-        boundaries = [m * steps_per_epoch - 1 for m in sorted(self.milestones)]
-        factors = [float(ops.power(decay_factor, ops.cast(k, "float32"))) for k in range(len(boundaries) + 1)]
-        self._step_factor = schedules.PiecewiseConstantDecay(boundaries, factors)
-
-    def __call__(self, step):
-        step = ops.cast(step, "float32")
-        factor = self._factor(step)
-        if self._warmup_steps:
-            factor = factor * ops.minimum(1.0, (step + 1.0) / self._warmup_steps)
-        return self._lr(step) * factor
-
-    def _factor(self, step):
-        """The schedule's factor at `step`, warm-up aside."""
-        if self.schedule == "step" and self.milestones:
-            return self._step_factor(step)
-        progress = ops.clip((step - self._warmup_steps) / self._decay_steps, 0.0, 1.0)
-        if self.schedule == "cosine":
-            return 0.5 * (1.0 + ops.cos(math.pi * progress))
-        if self.schedule == "onecycle":
-            return 1.0 - progress
-        return ops.ones_like(step)
-
-    def get_config(self):
-        return {"lr": self.lr, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
-                "schedule": self.schedule, "warmup_epochs": self.warmup_epochs,
-                "milestones": self.milestones, "decay_factor": self.decay_factor,
-                "time_decay": self.time_decay}
 
 
 def train(config: TrainConfig, out, *, data_dir=None, test_dir=None, overwrite: bool = False,
@@ -173,64 +103,6 @@ def check_resume_flags(run: RunFolder, config: TrainConfig, recipe: str | None, 
         raise ConfigError(f"--resume continues {run.config_path} as it is; these differ from it: {named}")
 
 
-@dataclass(frozen=True)
-class StartingWeights:
-    """The weights `initial_weights` names: the file, the classes it was trained on, and its
-    network (variant, batch norm) where its run folder or the manifest records it."""
-
-    path: Path
-    class_names: tuple[str, ...]
-    variant: str | None = None
-    batch_norm: bool | None = None
-
-
-def starting_weights(config: TrainConfig) -> StartingWeights:
-    """Resolves `initial_weights`: `SHIPPED` through the manifest (sha256-checked), a file with its run folder."""
-    from allcnn.manifest import resolve_weights
-    from allcnn.weights_io import WeightsError
-
-    if config.initial_weights == SHIPPED:
-        try:
-            spec = resolve_weights()
-        except WeightsError as e:
-            raise RunError(f"initial_weights: {e}") from None
-        return StartingWeights(spec.path, spec.class_names, spec.variant, spec.architecture.get("batch_norm", False))
-    path = Path(config.initial_weights)
-    source = RunFolder(path.parent)
-    trained = source.read_config() if source.has_run() else None
-    return StartingWeights(path, source.read_class_names() or data.CLASS_NAMES,
-                           trained.variant if trained else None, trained.batch_norm if trained else None)
-
-
-def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) -> None:
-    """Before the run folder is made or replaced: the starting weights exist, are this
-    run's network, and survive --overwrite (one inside the folder would be deleted with it)."""
-    if not config.initial_weights:
-        return
-    if config.initial_weights != SHIPPED:
-        path = Path(config.initial_weights).resolve()
-        if not path.is_file():
-            raise RunError(f"initial_weights: no such weights file {config.initial_weights}")
-        if overwrite and run.path.resolve() in path.parents:
-            raise RunError(f"initial_weights: {path} is inside {run}, which --overwrite would delete; copy it out first")
-    source = starting_weights(config)
-    # The variants have the same weight shapes: only the record tells them apart. Plain weights
-    # start a batch-norm run (see `load_initial_weights`); batch-norm weights start no plain one.
-    if source.variant not in (None, config.variant) or (source.batch_norm and not config.batch_norm):
-        described = lambda variant, bn: f"{variant}{' (batch norm)' if bn else ''}"  # noqa: E731
-        raise RunError(f"initial_weights: {source.path} are the {described(source.variant, source.batch_norm)} "
-                       f"network; this run trains {described(config.variant, config.batch_norm)}")
-    # A file without records: its base must fit this network (the classifier depends on the classes,
-    # which the data, loaded later, tells).
-    from allcnn.weights_io import WeightsError, load_weights
-
-    try:
-        batch_norm = config.batch_norm if source.batch_norm is None else source.batch_norm
-        load_weights(build_model(config.variant, batch_norm=batch_norm), source.path, base_only=True)
-    except WeightsError as e:
-        raise RunError(f"initial_weights: {e}") from None
-
-
 def run_layout(config: TrainConfig, replicas: Replicas) -> dict:
     """Global batch and lr for these replicas: batch_size is per replica."""
     scale = replicas.count if config.lr_scaling == "linear" else 1
@@ -244,11 +116,10 @@ def load_splits(config: TrainConfig, data_dir, test_dir=None) -> tuple[data.Data
     dataset = data.load_dataset(config.dataset, data_dir, test_dir=test_dir, image_size=config.image_size)
     for line in dataset.skipped:
         print(f"warning: {line}", file=sys.stderr)
-    (x, y), held_out = dataset.train, config.val_count(len(dataset.train[0]))
-    if not 1 <= held_out < len(x):
-        raise data.DatasetError(f"{held_out} validation images of {len(x)}: hold out at least one and leave some "
-                                "to train on (--val-size N or --val-split FRACTION)")
-    train, val = data.train_val_split(x, y, held_out, config.seed)
+    train, val = data.hold_out(*dataset.train, dataset.name, config.val_size, config.val_split, config.seed)
+    folder_default = dataset.name == "folder" and not (config.val_size or config.val_split)
+    print(f"validation: {len(val[0])} of {len(dataset.train[0])} training images held out" +
+          (f" ({data.FOLDER_VAL_FRACTION:.0%} of the image folder, at least one a class)" if folder_default else ""))
     return dataset, train, val
 
 
@@ -269,65 +140,6 @@ def _configure(config: TrainConfig):
     print(f"device: {hardware.describe(gpu)} ({keras.backend.backend()} backend)")
     print(f"precision: {policy} ({reason})")
     return gpu, policy
-
-
-def compile_model(config: TrainConfig, steps_per_epoch: int, lr: float | None = None,
-                  classes: int = len(data.CLASS_NAMES)) -> keras.Model:
-    """The model with its optimizer; `lr` overrides the config's (scaled for data parallelism).
-    With `freeze_base`, the optimizer sees the classifier's weights alone."""
-    model = build_model(
-        config.variant,
-        classes=classes,
-        input_shape=(config.image_size, config.image_size, 3),
-        input_dropout=config.input_dropout,
-        dropout=config.dropout,
-        weight_decay=config.weight_decay,
-        kernel_initializer=config.kernel_initializer,
-        batch_norm=config.batch_norm,
-        seed=config.seed,
-    )
-    if config.freeze_base:
-        freeze_base(model)
-    schedule = LearningRate(config.lr if lr is None else lr, steps_per_epoch, config.epochs, config.schedule,
-                            config.warmup_epochs, config.milestones, config.lr_decay_factor, config.time_decay)
-    optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=config.nesterov,
-                                     use_ema=config.use_ema, ema_momentum=config.ema_momentum)
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=["accuracy"],
-        steps_per_execution=config.steps_per_execution,
-    )
-    return model
-
-
-def load_initial_weights(model: keras.Model, source: StartingWeights, class_names: tuple[str, ...],
-                         train_images: np.ndarray, preprocessing: Preprocessing) -> None:
-    """Starts a run from earlier weights; a resumed run restores its own instead.
-
-    Weights trained on `class_names` load whole (a warm restart); weights trained
-    on other classes load into every layer but the classifier, which keeps its
-    random init (transfer learning). Plain weights (the shipped ones) start a batch-norm
-    run through `unfold_batch_norm`, its statistics taken on the first `UNFOLD_IMAGES` of
-    `train_images` (uint8, preprocessed only then), so that the run starts equal to the plain network.
-    """
-    from allcnn.weights_io import WeightsError, load_weights
-
-    whole = tuple(source.class_names) == tuple(class_names)
-    unfold = source.batch_norm is False and any(isinstance(layer, keras.layers.BatchNormalization)
-                                                for layer in model.layers)
-    target = build_model(source.variant, classes=len(class_names), input_shape=model.input_shape[1:]) if unfold else model
-    try:
-        load_weights(target, source.path, base_only=not whole)
-    except WeightsError as e:
-        raise RunError(f"initial_weights: {e}") from None
-    if unfold:
-        images = preprocessing(train_images[:UNFOLD_IMAGES])
-        unfold_batch_norm(target, model, images)
-    print(f"initial weights: {source.path}: " + ("every layer" if whole else
-          f"every layer but the classifier, new for {len(class_names)} classes "
-          f"(trained on {len(source.class_names)} others)") +
-          (f"; batch norm started from the statistics of {len(images)} training images" if unfold else ""))
 
 
 @dataclass(frozen=True)
@@ -352,6 +164,17 @@ def phases(config: TrainConfig) -> list[Phase]:
     return [Phase(0, head), Phase(config.head_epochs, dataclasses.replace(config, head_epochs=0))]
 
 
+def plan(config: TrainConfig) -> str:
+    """The run's phases in one line, the first a run prints: `epochs` counts the last phase
+    alone, so a recipe with `head_epochs` (finetune) trains more epochs than --epochs says."""
+    def describe(c: TrainConfig) -> str:
+        lr = f"lr {c.lr:g}" if c.schedule == "constant" else f"{c.schedule}, peak lr {c.lr:g}"
+        layers = "the classifier alone (base frozen, " if c.freeze_base else "all layers ("
+        return f"{c.epochs} epoch{'s' * (c.epochs != 1)} of {layers}{lr})"
+
+    return "plan: " + ", then ".join(describe(phase.config) for phase in phases(config))
+
+
 def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
          prepare: Callable[[dict, tuple], None]) -> dict:
     """The training loop of `train` and `resume`, from the run's restored epoch on.
@@ -361,6 +184,7 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
     data has loaded. Each phase (see `phases`) compiles its own model; the next
     one starts from the weights the previous one ended with.
     """
+    print(plan(config))
     gpu, policy = _configure(config)
     replicas = distribute.setup(config.distribute, gpu is not None)
     layout = run_layout(config, replicas)
@@ -389,8 +213,6 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
         if previous is not None:
             model.set_weights(previous.get_weights())
         elif phase.first and not restored:  # resumed where the phase begins: the previous one's weights
-            from allcnn.weights_io import load_weights
-
             load_weights(model, run.backup_weights())
         elif not restored and config.initial_weights:
             load_initial_weights(model, starting_weights(config), names, train_split[0], run.read_preprocessing())
@@ -498,9 +320,6 @@ def make_summary(run: RunFolder, config: TrainConfig, history: list[dict], polic
 
 def evaluate_test(run: RunFolder, test_split: tuple) -> float:
     """Top-1 accuracy of `best.weights.h5` on the test split (only when asked)."""
-    from allcnn.evaluation import metrics
-    from allcnn.inference import load_classifier
-
     x, y = test_split
     classifier = load_classifier(run.best_weights)
     return metrics(classifier.probabilities(x), y, classifier.class_names)["top1"]

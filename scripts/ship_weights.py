@@ -29,7 +29,7 @@ import numpy as np
 
 from allcnn import hardware
 from allcnn.config import EXECUTION_KEYS, SHIPPED, TrainConfig, load_config
-from allcnn.data import CLASS_NAMES, DataError, load_cifar10
+from allcnn.data import CIFAR_VAL_SIZE, CLASS_NAMES, DataError, load_cifar10
 from allcnn.evaluation import metrics
 from allcnn.files import atomic_write, atomic_write_text
 from allcnn.inference import Classifier, dtype_policy, load_classifier
@@ -104,6 +104,8 @@ def recipe_of(run: Path, config: TrainConfig) -> str:
         recipe = load_config(path, **kept)
         if recipe.dataset == "auto":  # a run records the dataset `auto` resolved to
             recipe = replace(recipe, dataset=config.dataset)
+        if not recipe.val_size and config.val_size == CIFAR_VAL_SIZE:  # a run recorded CIFAR's default count
+            recipe = replace(recipe, val_size=CIFAR_VAL_SIZE)
         if recipe == config:
             return f"configs/{path.name}"
     sys.exit(f"error: no configs/release*.toml has the settings of {RunFolder(run).config_path}")
@@ -190,7 +192,9 @@ def check_beats_shipped(val_top1: float, config: TrainConfig) -> None:
         shipped = manifest_entry(NAME, WEIGHTS)
     except WeightsError:  # nothing shipped yet
         return
-    same_split = (shipped.get("val_size"), shipped.get("seed")) == (config.val_size, config.seed)
+    # val_size 0 is CIFAR's default count, the one older entries write out
+    same_split = ((shipped.get("val_size") or CIFAR_VAL_SIZE, shipped.get("seed")) ==
+                  (config.val_size or CIFAR_VAL_SIZE, config.seed))
     shipped_val = shipped.get("accuracy", {}).get("val_top1")
     if same_split and shipped_val is not None and val_top1 <= shipped_val:
         sys.exit(f"error: not shipping: best val_accuracy {val_top1:.4f} does not beat {shipped_val:.4f} of the "

@@ -11,8 +11,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from allcnn.cli import main
+from allcnn.config import load_config
+from allcnn.data import CLASS_NAMES
 from allcnn.inference import Classifier, load_classifier
+from allcnn.initial_weights import StartingWeights, load_initial_weights
 from allcnn.model import build_model
+from allcnn.optim import compile_model
+from allcnn.preprocessing import Preprocessing
 from allcnn.weights_io import load_weights
 from tests.helpers_weights import make_run
 
@@ -72,11 +77,6 @@ def test_export_has_no_batch_norm_and_matches_keras(weights, tmp_path):
 
 
 def test_a_batch_norm_run_starts_from_plain_weights_equal_to_them(tmp_path, cifar_dir):
-    from allcnn.config import load_config
-    from allcnn.data import CLASS_NAMES
-    from allcnn.preprocessing import Preprocessing
-    from allcnn.training import StartingWeights, compile_model, load_initial_weights
-
     plain_weights = make_run(tmp_path / "plain")
     pixels = np.random.default_rng(2).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     preprocessing = Preprocessing("standardize", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])

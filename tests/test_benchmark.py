@@ -1,4 +1,6 @@
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -22,6 +24,8 @@ PAPER_FORWARD_FLOPS = {
     "conv9": 2 * 6 * 6 * 1 * 1 * 192 * 10,
 }
 TINY = ["benchmark", "--precision", "float32", "--batch-size", "2", "--steps", "1", "--repeats", "1"]
+# `allcnn` with TensorFlow unimportable, as on a machine that has JAX alone.
+WITHOUT_TENSORFLOW = "import sys; sys.modules['tensorflow'] = None; from allcnn.cli import main; main(sys.argv[1:])"
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +58,9 @@ def test_all_skips_emulated_bf16(monkeypatch):
 
 def test_json_has_every_figure(tiny_result):
     assert set(tiny_result) == {"machine", "protocol", "flops_per_image", "ceiling_gflops",
-                                "pipeline_images_per_s", "runs"}
-    assert {"cpu", "cores", "native_bf16", "tensorflow", "keras"} <= set(tiny_result["machine"])
+                                "pipeline_images_per_s", "runs", "skipped"}
+    assert {"cpu", "cores", "native_bf16", "backend", "tensorflow", "keras"} <= set(tiny_result["machine"])
+    assert tiny_result["skipped"] == {}  # the TensorFlow backend skips nothing
     assert tiny_result["flops_per_image"]["forward"] == sum(PAPER_FORWARD_FLOPS.values())
     assert tiny_result["ceiling_gflops"]["float32"]["median"] > 0
     assert tiny_result["pipeline_images_per_s"]["2"]["median"] > 0
@@ -86,3 +91,18 @@ def test_thread_pools_are_applied_in_a_fresh_process():
     result = json.loads(done.stdout)
     assert (result["machine"]["intra_op_threads"], result["machine"]["inter_op_threads"]) == (1, 1)
     assert result["protocol"]["deterministic"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="the JAX backend is the optional extra allcnn[jax]")
+def test_jax_without_tensorflow_skips_only_tensorflow_settings():
+    """A borrowed GPU machine may have JAX and no TensorFlow: the benchmark runs, and says what it skipped."""
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    args = ["benchmark", "--precision", "float32", "--batch-size", "8", "--steps", "1", "--repeats", "1"]
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "jax backend" in done.stdout and "TensorFlow 2" not in done.stdout
+    for task in ("train", "train_bn", "infer"):
+        assert f"float32             8 {task}" in done.stdout
+    assert "skipped: tensorflow, onednn_opts, intra_op_threads, inter_op_threads, deterministic " \
+           "(the jax backend runs without TensorFlow)" in done.stdout

@@ -4,14 +4,14 @@ import pickle
 import numpy as np
 import pytest
 
-from allcnn.data import DataError, load_cifar10, train_val_split
+from allcnn.data import DatasetError, DataError, hold_out, load_cifar10, train_val_split
 from allcnn.pipeline import CifarBatches, augment
 from allcnn.preprocessing import Preprocessing, fit_preprocessing
 from conftest import SHARED_DATA
 
 
 def _check(train, test, n_train=200, n_test=40):
-    (x, y), (xt, yt) = train, test
+    (x, y), (xt, _) = train, test
     assert x.shape == (n_train, 32, 32, 3) and x.dtype == np.uint8
     assert xt.shape == (n_test, 32, 32, 3) and y.dtype == np.int64
     assert set(np.unique(y)) <= set(range(10))
@@ -98,6 +98,24 @@ def test_train_val_split_is_seeded_and_disjoint():
     assert len(yv) == 20 and len(ya) == 80 and not set(ya) & set(yv)
     np.testing.assert_array_equal(yv, yv2)
     assert not np.array_equal(yv, train_val_split(x, y, 20, seed=4)[1][1])
+
+
+def test_hold_out_defaults_per_dataset_and_keeps_explicit_splits():
+    x, y = np.arange(6000).reshape(6000, 1), np.arange(6000) % 10
+    same = lambda a, b: all(np.array_equal(u, v) for u, v in zip((*a[0], *a[1]), (*b[0], *b[1])))  # noqa: E731
+    assert same(hold_out(x, y, "cifar10", seed=1), train_val_split(x, y, 5000, seed=1))  # CIFAR: the paper's 5,000
+    for dataset in ("cifar10", "folder"):  # explicit settings: the images held out before
+        assert same(hold_out(x, y, dataset, 40, seed=2), train_val_split(x, y, 40, seed=2))
+        assert same(hold_out(x, y, dataset, 40, 0.25, seed=2), train_val_split(x, y, 1500, seed=2))
+    # An image folder: 10%, at least one image of each class, even of a class with one image.
+    x, y = np.arange(20).reshape(20, 1), np.array([0] * 12 + [1] * 7 + [2])
+    for seed in range(5):
+        (xt, yt), (xv, yv) = hold_out(x, y, "folder", seed=seed)
+        assert len(yv) == 3 and sorted(yv) == [0, 1, 2] and len(yt) == 17 and not set(xt.ravel()) & set(xv.ravel())
+    (_, _), (_, yv) = hold_out(np.arange(60).reshape(60, 1), np.arange(60) % 3, "folder")
+    assert len(yv) == 6 and set(yv) == {0, 1, 2}
+    with pytest.raises(DatasetError, match="3 validation images of 3: hold out at least one and leave some"):
+        hold_out(x[:3], np.arange(3), "folder")
 
 
 @pytest.mark.parametrize("method", ["scale", "standardize", "zca"])

@@ -24,3 +24,13 @@ def test_readme_is_short_and_links_every_doc():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 250
     assert {f"docs/{page.name}" for page in PAGES[1:]} <= set(LINK.findall(readme))
+
+
+def test_help_examples_that_read_a_dataset_name_it():
+    """Without --data-dir a command downloads CIFAR-10: an example in --help must run offline as written."""
+    from allcnn.cli import main
+
+    examples = [line.strip() for command in main.commands.values() for line in (command.help or "").splitlines()
+                if line.strip().startswith(("allcnn train", "allcnn evaluate"))]
+    assert len(examples) >= 8
+    assert [line for line in examples if "--data-dir" not in line] == []

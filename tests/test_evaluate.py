@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,12 +27,27 @@ def test_metrics_on_known_probabilities():
     probabilities = np.eye(10, dtype=np.float32)[[0, 1, 2, 2]]
     result = metrics(probabilities, np.array([0, 1, 2, 3]), CLASS_NAMES)
     assert result["top1"] == 0.75 and result["per_class"]["cat"] == 0.0 and result["confusion"][3][2] == 1
+    assert result["per_class"]["deer"] is None  # no deer among the labels: n/a, not 0%
+
+
+def test_no_top5_for_five_classes_or_fewer():
+    from allcnn.evaluation import metrics
+
+    probabilities = np.eye(5, dtype=np.float32)[[0, 1, 2]]
+    assert "top5" not in metrics(probabilities, np.array([0, 1, 3]), tuple("abcde"))
+    assert "top5" in metrics(np.eye(6, dtype=np.float32)[[0]], np.array([0]), tuple("abcdef"))
+
+
+def _classifier(weights, **kwargs):
+    from allcnn.inference import load_classifier
+
+    return load_classifier(weights, **kwargs)
 
 
 def test_evaluate_api_val_split(weights, cifar_dir):
     from allcnn.evaluation import evaluate
 
-    result = evaluate(weights, data_dir=cifar_dir, split="val", batch_size=16, device="cpu")
+    result = evaluate(_classifier(weights, device="cpu"), data_dir=cifar_dir, split="val", batch_size=16)
     assert result["images"] == 20 and 0 <= result["top1"] <= result["top5"] <= 1
 
 
@@ -39,6 +56,8 @@ def test_cli_text_json_and_plot(weights, cifar_dir, tmp_path):
     text = CliRunner().invoke(main, args + ["--plot", str(tmp_path / "c.png")])
     assert text.exit_code == 0, text.output
     assert "top-5" in text.output and "airplane" in text.output
+    first = text.output.splitlines()[0]  # what is measured comes first, and in float32 by default
+    assert first == f"weights: {weights} (paper, float32)" and "float32" in text.output.splitlines()[1]
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     as_json = CliRunner().invoke(main, args + ["--json"])
     result = json.loads(as_json.output)
@@ -48,13 +67,11 @@ def test_cli_text_json_and_plot(weights, cifar_dir, tmp_path):
 def test_indices_and_flip_tta(weights, cifar_dir):
     from allcnn.data import load_cifar10
     from allcnn.evaluation import evaluate, metrics
-    from allcnn.inference import load_classifier
 
-    part = evaluate(weights, data_dir=cifar_dir, indices=slice(5, 15), batch_size=4, precision="float32")
+    classifier = _classifier(weights, precision="float32")
+    part = evaluate(classifier, data_dir=cifar_dir, indices=slice(5, 15), batch_size=4)
     assert part["images"] == 10 and part["indices"] == "5:15" and part["tta"] == "none"
-    flipped = evaluate(weights, data_dir=cifar_dir, indices=slice(5, 15), batch_size=4, precision="float32",
-                       tta="flip")
-    classifier = load_classifier(weights, precision="float32")
+    flipped = evaluate(classifier, data_dir=cifar_dir, indices=slice(5, 15), batch_size=4, tta="flip")
     x, y = (a[5:15] for a in load_cifar10(cifar_dir)[1])
     by_hand = (classifier.probabilities(x) + classifier.probabilities(x[:, :, ::-1])) / 2
     assert flipped["loss"] == pytest.approx(metrics(by_hand, y, CLASS_NAMES)["loss"], rel=1e-5)
@@ -81,7 +98,7 @@ def test_shipped_weights_score_what_their_manifest_says():
     from allcnn.evaluation import evaluate
     from allcnn.manifest import manifest_entry
 
-    result = evaluate(data_dir=SHARED_DATA, precision="float32", device="cpu")
+    result = evaluate(_classifier(None, precision="float32", device="cpu"), data_dir=SHARED_DATA)
     recorded = manifest_entry()["accuracy"]
     assert (result["top1"], result["top5"]) == (recorded["test_top1"], recorded["test_top5"])
 
@@ -101,3 +118,28 @@ def test_only_user_errors_become_one_line(weights, cifar_dir, tmp_path, monkeypa
     monkeypatch.setattr("allcnn.evaluation.evaluate", bug)
     result = CliRunner().invoke(main, ["evaluate", "--weights", str(weights), "--data-dir", str(cifar_dir)])
     assert isinstance(result.exception, ValueError) and "Error:" not in result.output
+
+
+def test_bad_weights_refused_before_tensorflow_starts(tmp_path):
+    """A text file as --weights is refused by h5py alone: TensorFlow's seconds of start-up are not spent."""
+    text = tmp_path / "notes.weights.h5"
+    text.write_text("not weights")
+    script = ("import sys\nfrom allcnn.cli import main\n"
+              f"try:\n    main(['evaluate', '--weights', {str(text)!r}])\n"
+              "except SystemExit as e:\n    print(e.code, 'tensorflow' in sys.modules, 'keras' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["1", "False", "False"] and "not a Keras weights file" in done.stderr
+
+
+def test_progress_bar_on_a_terminal_only(monkeypatch, capsys):
+    from allcnn.inference import Progress
+
+    Progress(500).add(500)  # stderr is no terminal under pytest: nothing
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    Progress(50).add(50)  # too few images to be worth a bar
+    bar = Progress(500)
+    bar.add(256)
+    bar.add(244)
+    out, err = capsys.readouterr()
+    assert out == "" and "500/500" in err

@@ -142,7 +142,8 @@ def test_cli_bad_images_one_line_each_others_explained(weights, photos, tmp_path
     result = runner.invoke(main, ["explain", str(photos / "broken.jpg"), str(photos / "a.png"),
                                   str(tmp_path / "gone.png"), "--weights", str(weights), "--out", str(tmp_path / "m")])
     assert result.exit_code == 1
-    assert result.stderr.count("\n") == 2 and "broken.jpg" in result.stderr and "gone.png" in result.stderr
+    assert result.stderr.count("\n") == 2 and result.stderr.count("Error: ") == 2
+    assert "broken.jpg" in result.stderr and "gone.png" in result.stderr
     assert "Traceback" not in result.stderr
     assert (tmp_path / "m" / "a.guided.png").is_file() and not (tmp_path / "m" / "grid.guided.png").exists()
 
@@ -151,6 +152,9 @@ def test_cli_unknown_class_is_one_line(weights, photos, tmp_path):
     result = CliRunner().invoke(main, ["explain", str(photos / "a.png"), "--weights", str(weights),
                                        "--class", "unicorn", "--out", str(tmp_path / "m")])
     assert result.exit_code == 2 and "unicorn" in result.output and "Traceback" not in result.output
+    typo = CliRunner().invoke(main, ["explain", str(photos / "a.png"), "--weights", str(weights),
+                                     "--class", "dgo", "--out", str(tmp_path / "m")])
+    assert typo.exit_code == 2 and "did you mean dog?" in typo.output and not (tmp_path / "m").exists()
 
 
 def test_same_names_do_not_overwrite(tmp_path):
@@ -161,6 +165,20 @@ def test_same_names_do_not_overwrite(tmp_path):
                     for path in ("x/cat.png", "y/cat.png", "grid.png")]
     assert [p.name for p in save_explanations(explanations, tmp_path)] == [
         "cat.saliency.png", "cat-2.saliency.png", "grid-2.saliency.png", "grid.saliency.png"]
+
+
+@pytest.mark.parametrize("method, bars", [("gradcam", 1), ("saliency", 1), ("guided", 0)])
+def test_map_panels_have_a_colorbar_but_rgb_guided_has_none(method, bars):
+    from allcnn.explain import Explanation, panels
+    from allcnn.plots import panel_figure
+
+    shape = (32, 32, 3) if method == "guided" else (32, 32)
+    e = Explanation("x/cat.png", np.zeros((32, 32, 3), np.uint8), method, "cat", "cat", 0.5,
+                    np.random.default_rng(0).random(shape, dtype=np.float32))
+    for fig, images in ((panel_figure(panels(e), columns=2), 1), (panel_figure(panels(e) * 3, columns=4), 3)):
+        colorbars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+        assert len(colorbars) == bars * images
+        assert all("÷ its max" in bar.get_ylabel() for bar in colorbars)
 
 
 def test_a_layer_with_its_own_activation_is_refused():

@@ -135,6 +135,7 @@ def test_zca_preprocessing_in_the_graph_matches_numpy(weights, tmp_path, format_
     import shutil
 
     from allcnn.export import TOLERANCE, export
+    from allcnn.inference import load_classifier
     from allcnn.preprocessing import Preprocessing
 
     run = tmp_path / "zca_run"
@@ -142,7 +143,7 @@ def test_zca_preprocessing_in_the_graph_matches_numpy(weights, tmp_path, format_
     rng = np.random.default_rng(3)
     Preprocessing("zca", rng.normal(0, 1, 3072).tolist(), [],
                   rng.normal(0, 0.02, (3072, 3072)).astype(np.float32)).save(run / "preprocessing.json")
-    spec = export(run / weights.name, format=format_, out=tmp_path / name)
+    spec = export(load_classifier(run / weights.name, precision="float32"), format=format_, out=tmp_path / name)
     assert spec["preprocessing"]["method"] == "zca" and spec["check"]["max_abs_difference"] <= TOLERANCE
 
 
@@ -151,11 +152,12 @@ def test_a_global_mixed_precision_policy_does_not_leak_into_the_export(weights, 
     import keras
 
     from allcnn.export import export
+    from allcnn.inference import load_classifier
 
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        spec = export(weights, format="saved_model", out=tmp_path / "m")
+        spec = export(load_classifier(weights, precision="float32"), format="saved_model", out=tmp_path / "m")
     finally:
         keras.config.set_dtype_policy(previous)
     assert spec["check"]["max_abs_difference"] <= 1e-4

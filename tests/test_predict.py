@@ -123,3 +123,8 @@ def test_flip_tta_averages_the_image_and_its_mirror(weights, tmp_path):
         probabilities(tmp_path / "a.png", "flip")
     assert plain != mirror
     assert both == pytest.approx({c: (plain[c] + mirror[c]) / 2 for c in plain}, abs=2e-6)
+
+
+def test_top_k_above_the_class_count_says_so(weights, images):
+    result = CliRunner().invoke(main, ["predict", str(images / "a.png"), "--weights", str(weights), "--top-k", "11"])
+    assert result.exit_code == 2 and "--top-k 11: the weights classify 10 classes; pass 1..10" in result.output

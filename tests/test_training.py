@@ -16,7 +16,7 @@ from allcnn.cli import main
 from allcnn.config import tomllib
 from allcnn.hardware import Accelerator, choose_precision, cpu_flags, cpu_name, has_native_bf16, resolve_precision
 from allcnn.run_folder import RunError, RunFolder
-from allcnn.training import LearningRate
+from allcnn.optim import LearningRate
 from conftest import write_cifar_folder
 
 TINY = ["--epochs", "2", "--batch-size", "16", "--val-size", "40", "--precision", "float32", "--lr", "0.01"]
@@ -119,6 +119,48 @@ def test_bad_config_names_the_key(line, message, tmp_path):
     recipe.write_text(line + "\n")
     result = _train("--config", str(recipe), "--out", str(tmp_path / "run"))
     assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.parametrize("key, message", [
+    ("learning_rate", "learning_rate: unknown key; did you mean lr?"),  # an alias: difflib finds nothing
+    ("lr_schedule", "lr_schedule: unknown key; did you mean schedule?"),
+    ("ema", "ema: unknown key; did you mean use_ema?"),
+    ("validation_split", "validation_split: unknown key; did you mean val_split?"),
+    ("decay", "decay: unknown key; did you mean weight_decay, or time_decay (Keras 2's decay)?"),
+    ("optimizer", "optimizer: unknown key (known: variant, dataset, "),
+])
+def test_unknown_key_suggests_the_nearest_known_one(key, message, tmp_path):
+    from allcnn.config import ConfigError, load_config, make_config
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f"{key} = 1\n")
+    for build in (lambda: load_config(recipe), lambda: make_config(**{key: 1})):  # a recipe, a Python override
+        with pytest.raises(ConfigError) as error:
+            build()
+        assert str(error.value).startswith(message)
+
+
+def test_val_size_override_beats_the_recipes_fraction():
+    from allcnn.config import ConfigError, load_config, make_config
+
+    assert load_config("finetune").val_split == 0.2
+    assert (load_config("finetune", val_size=100).val_split, load_config("finetune", val_size=100).val_size) == (0, 100)
+    assert load_config("finetune", val_size=100, val_split=0.1).val_split == 0.1  # both given: as given
+    assert make_config({"val_size": 100, "val_split": 0.1}).val_split == 0.1  # within a recipe: as written
+    assert make_config().val_size == 0  # the dataset's default
+    with pytest.raises(ConfigError, match="val_size: must not be negative, got -1"):
+        make_config(val_size=-1)
+
+
+def test_plan_states_every_phase():
+    from allcnn.config import load_config
+    from allcnn.training import plan
+
+    assert plan(load_config("finetune", epochs=1)) == ("plan: 10 epochs of the classifier alone (base frozen, "
+                                                       "lr 0.01), then 1 epoch of all layers (cosine, peak lr 0.001)")
+    assert plan(load_config(epochs=35, schedule="onecycle")) == "plan: 35 epochs of all layers (onecycle, peak lr 0.05)"
+    assert plan(load_config("finetune", head_epochs=0, freeze_base=True, epochs=30, schedule="constant")) == (
+        "plan: 30 epochs of the classifier alone (base frozen, lr 0.001)")
 
 
 def test_resume_takes_the_starting_flags_and_refuses_others(cifar_dir, tmp_path):
@@ -339,14 +381,15 @@ def test_data_workers_and_steps_per_execution_train_the_same_weights(cifar_dir, 
 
 def test_ema_validates_and_saves_the_averaged_weights(cifar_dir, tmp_path):
     from allcnn.evaluation import evaluate
+    from allcnn.inference import load_classifier
 
     def run(name, *flags):
         out = tmp_path / name
         result = _train("--data-dir", str(cifar_dir), "--out", str(out), "--weight-decay", "0", *TINY, *flags)
         assert result.exit_code == 0, result.output
         last = list(csv.DictReader(open(out / "history.csv")))[-1]
-        return float(last["val_loss"]), evaluate(out / "last.weights.h5", data_dir=cifar_dir, split="val",
-                                                 precision="float32", device="cpu")["loss"]
+        saved = load_classifier(out / "last.weights.h5", precision="float32", device="cpu")
+        return float(last["val_loss"]), evaluate(saved, data_dir=cifar_dir, split="val")["loss"]
 
     plain_logged, plain_saved = run("plain")
     ema_logged, ema_saved = run("ema", "--ema", "--ema-momentum", "0.9")

@@ -157,6 +157,24 @@ def test_freeze_base_trains_the_classifier_alone(photos, tmp_path):
     assert not np.array_equal(trained.get_layer("conv9").get_weights()[0], fresh.get_layer("conv9").get_weights()[0])
 
 
+def test_image_folder_holds_out_one_image_a_class_by_default(tmp_path):
+    """21 images of 3 classes, no --val-size: 10% is 2, so one of each class (3), also in evaluate --split val."""
+    photos = write_image_folder(tmp_path / "photos", per_class=7, bad_files=False)
+    out = tmp_path / "run"
+    result = _train("--data-dir", photos, "--out", out, "--initial-weights", "shipped", "--freeze-base",
+                    "--epochs", "1", "--batch-size", "8", "--precision", "float32")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("plan: 1 epoch of the classifier alone (base frozen, step, peak lr 0.01)\n")
+    assert ("validation: 3 of 21 training images held out (10% of the image folder, at least one a class)"
+            in result.output)
+    assert tomllib.loads((out / "config.toml").read_text())["val_size"] == 0
+    result = CliRunner().invoke(main, ["evaluate", "--weights", str(out / "best.weights.h5"), "--data-dir",
+                                       str(photos), "--split", "val", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["images"] == 3 and [sum(row) for row in report["confusion"]] == [1, 1, 1]
+
+
 def _history(out: Path) -> list[dict]:
     rows = list(csv.DictReader(open(out / "history.csv")))
     return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in rows]

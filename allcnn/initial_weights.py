@@ -1,0 +1,104 @@
+"""The weights a run starts from (`initial_weights`): checked before the run folder is made, loaded after the data.
+
+Kept apart from the loop: both ends are about weights files, their records and
+their fit to this run's network, not about training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from allcnn import data
+from allcnn.config import SHIPPED, TrainConfig
+from allcnn.manifest import resolve_weights
+from allcnn.model import build_model, unfold_batch_norm
+from allcnn.preprocessing import Preprocessing
+from allcnn.run_folder import RunError, RunFolder
+from allcnn.weights_io import WeightsError, load_weights
+
+# Training images whose conv outputs give a batch-norm run started from plain weights its statistics.
+UNFOLD_IMAGES = 5000
+
+
+@dataclass(frozen=True)
+class StartingWeights:
+    """The weights `initial_weights` names: the file, the classes it was trained on, and its
+    network (variant, batch norm) where its run folder or the manifest records it."""
+
+    path: Path
+    class_names: tuple[str, ...]
+    variant: str | None = None
+    batch_norm: bool | None = None
+
+
+def starting_weights(config: TrainConfig) -> StartingWeights:
+    """Resolves `initial_weights`: `SHIPPED` through the manifest (sha256-checked), a file with its run folder."""
+    if config.initial_weights == SHIPPED:
+        try:
+            spec = resolve_weights()
+        except WeightsError as e:
+            raise RunError(f"initial_weights: {e}") from None
+        return StartingWeights(spec.path, spec.class_names, spec.variant, spec.architecture.get("batch_norm", False))
+    path = Path(config.initial_weights)
+    source = RunFolder(path.parent)
+    trained = source.read_config() if source.has_run() else None
+    return StartingWeights(path, source.read_class_names() or data.CLASS_NAMES,
+                           trained.variant if trained else None, trained.batch_norm if trained else None)
+
+
+def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) -> None:
+    """Before the run folder is made or replaced: the starting weights exist, are this
+    run's network, and survive --overwrite (one inside the folder would be deleted with it)."""
+    if not config.initial_weights:
+        return
+    if config.initial_weights != SHIPPED:
+        path = Path(config.initial_weights).resolve()
+        if not path.is_file():
+            raise RunError(f"initial_weights: no such weights file {config.initial_weights}")
+        if overwrite and run.path.resolve() in path.parents:
+            raise RunError(f"initial_weights: {path} is inside {run}, which --overwrite would delete; copy it out first")
+    source = starting_weights(config)
+    # The variants have the same weight shapes: only the record tells them apart. Plain weights
+    # start a batch-norm run (see `load_initial_weights`); batch-norm weights start no plain one.
+    if source.variant not in (None, config.variant) or (source.batch_norm and not config.batch_norm):
+        described = lambda variant, bn: f"{variant}{' (batch norm)' if bn else ''}"  # noqa: E731
+        raise RunError(f"initial_weights: {source.path} are the {described(source.variant, source.batch_norm)} "
+                       f"network; this run trains {described(config.variant, config.batch_norm)}")
+    # A file without records: its base must fit this network (the classifier depends on the classes,
+    # which the data, loaded later, tells).
+    try:
+        batch_norm = config.batch_norm if source.batch_norm is None else source.batch_norm
+        load_weights(build_model(config.variant, batch_norm=batch_norm), source.path, base_only=True)
+    except WeightsError as e:
+        raise RunError(f"initial_weights: {e}") from None
+
+
+def load_initial_weights(model: keras.Model, source: StartingWeights, class_names: tuple[str, ...],
+                         train_images: np.ndarray, preprocessing: Preprocessing) -> None:
+    """Starts a run from earlier weights; a resumed run restores its own instead.
+
+    Weights trained on `class_names` load whole (a warm restart); weights trained
+    on other classes load into every layer but the classifier, which keeps its
+    random init (transfer learning). Plain weights (the shipped ones) start a batch-norm
+    run through `unfold_batch_norm`, its statistics taken on the first `UNFOLD_IMAGES` of
+    `train_images` (uint8, preprocessed only then), so that the run starts equal to the plain network.
+    """
+    whole = tuple(source.class_names) == tuple(class_names)
+    unfold = source.batch_norm is False and any(isinstance(layer, keras.layers.BatchNormalization)
+                                                for layer in model.layers)
+    target = build_model(source.variant, classes=len(class_names), input_shape=model.input_shape[1:]) if unfold else model
+    try:
+        load_weights(target, source.path, base_only=not whole)
+    except WeightsError as e:
+        raise RunError(f"initial_weights: {e}") from None
+    if unfold:
+        images = preprocessing(train_images[:UNFOLD_IMAGES])
+        unfold_batch_norm(target, model, images)
+    print(f"initial weights: {source.path}: " + ("every layer" if whole else
+          f"every layer but the classifier, new for {len(class_names)} classes "
+          f"(trained on {len(source.class_names)} others)") +
+          (f"; batch norm started from the statistics of {len(images)} training images" if unfold else ""))
