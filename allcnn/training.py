@@ -321,5 +321,5 @@ def make_summary(run: RunFolder, config: TrainConfig, history: list[dict], polic
 def evaluate_test(run: RunFolder, test_split: tuple) -> float:
     """Top-1 accuracy of `best.weights.h5` on the test split (only when asked)."""
     x, y = test_split
-    classifier = load_classifier(run.best_weights)
+    classifier = load_classifier(run.best_weights, precision="float32")  # as `allcnn evaluate` measures
     return metrics(classifier.probabilities(x), y, classifier.class_names)["top1"]
