@@ -18,7 +18,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 # The names every module checks against live here, so that config imports no other module of the package.
-VARIANTS = ("paper", "tutorial")
+# The paper's networks (Tables 1-2): a base model with max-pooling (A, B or C) and the three derived from it.
+NETWORK_KINDS = ("model", "strided-cnn", "convpool-cnn", "all-cnn")
+FAMILIES = ("a", "b", "c")
+# `paper` is All-CNN-C (`all-cnn-c` names the same network); `tutorial` the Keras tutorial's layout of it.
+VARIANTS = ("paper", "tutorial", *(f"{kind}-{family}" for family in FAMILIES for kind in NETWORK_KINDS))
+_SYNONYMS = {"all-cnn-c": "paper"}
 # auto: an image folder (DIR/CLASS/IMAGE) when --data-dir holds class sub-folders, else CIFAR-10.
 DATASETS = ("auto", "cifar10", "cifar100", "folder")
 # `initial_weights` naming the weights allcnn ships (weights/manifest.json's default).
@@ -42,6 +47,24 @@ EXPORT_FORMATS = ("onnx", "tflite", "saved_model")
 
 class ConfigError(AllcnnError, ValueError):
     """A recipe key or flag has a wrong name, type or value."""
+
+
+def canonical_variant(variant: str) -> str:
+    """The one name a network is recorded under: `all-cnn-c` is `paper`, so that weights of
+    either start, resume and evaluate as the other (the shipped ones say `paper`)."""
+    return _SYNONYMS.get(variant, variant)
+
+
+def model_name(variant: str) -> str:
+    """The Keras name of a variant's model, which a `.keras` file keeps: `paper` and `tutorial`
+    keep the names their files already carry (`allcnn_c_paper`)."""
+    variant = canonical_variant(variant)
+    return f"allcnn_c_{variant}" if variant in ("paper", "tutorial") else f"allcnn_{variant.replace('-', '_')}"
+
+
+def variant_of(name: str) -> str | None:
+    """The variant a model name says (`model_name`'s inverse), or None for another model."""
+    return next((variant for variant in VARIANTS if model_name(variant) == name), None)
 
 
 @dataclass
@@ -211,6 +234,8 @@ def make_config(base: dict | None = None, **overrides) -> TrainConfig:
     if unknown:
         raise _unknown_key(unknown[0])
     checked = {k: _check_type(k, v, _TYPES[k]) for k, v in values.items()}
+    if "variant" in checked:
+        checked["variant"] = canonical_variant(checked["variant"])
     return TrainConfig(**checked).validate()
 
 

@@ -62,8 +62,9 @@ def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) 
         if overwrite and run.path.resolve() in path.parents:
             raise RunError(f"initial_weights: {path} is inside {run}, which --overwrite would delete; copy it out first")
     source = starting_weights(config)
-    # The variants have the same weight shapes: only the record tells them apart. Plain weights
-    # start a batch-norm run (see `load_initial_weights`); batch-norm weights start no plain one.
+    # Some variants have the same weight shapes (paper, tutorial, convpool-cnn-c): only the record
+    # tells them apart. Plain weights start a batch-norm run (see `load_initial_weights`); batch-norm
+    # weights start no plain one.
     if source.variant not in (None, config.variant) or (source.batch_norm and not config.batch_norm):
         described = lambda variant, bn: f"{variant}{' (batch norm)' if bn else ''}"  # noqa: E731
         raise RunError(f"initial_weights: {source.path} are the {described(source.variant, source.batch_norm)} "

@@ -1,4 +1,4 @@
-"""All-CNN-C (Springenberg et al., ICLR 2015) as a Keras 3 model.
+"""The networks of Springenberg et al. (ICLR 2015), All-CNN-C first, as Keras 3 models.
 
 Only Keras APIs are used, so the same model runs under the TensorFlow, JAX and
 PyTorch backends.
@@ -6,47 +6,81 @@ PyTorch backends.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import keras
 import numpy as np
 from keras import layers, ops
 
-from allcnn.config import VARIANTS, ConfigError
+from allcnn.config import VARIANTS, ConfigError, canonical_variant, model_name, variant_of
 
 
-# (filters, kernel, strides, padding, relu) for each convolution, per variant.
-# "paper" follows Table 2 of the paper: ReLU everywhere and a valid 3x3 conv
-# after the second stride-2 conv (8x8 -> 6x6). "tutorial" reproduces the
-# popular Keras tutorial: 'same' padding throughout and no ReLU after the two
-# stride-2 convs nor after the last 1x1 conv. Both have 1,369,738 parameters.
-_CONVS = {
-    "paper": [
-        (96, 3, 1, "same", True),
-        (96, 3, 1, "same", True),
-        (96, 3, 2, "same", True),
-        (192, 3, 1, "same", True),
-        (192, 3, 1, "same", True),
-        (192, 3, 2, "same", True),
-        (192, 3, 1, "valid", True),
-        (192, 1, 1, "valid", True),
-        (None, 1, 1, "valid", True),
-    ],
-    "tutorial": [
-        (96, 3, 1, "same", True),
-        (96, 3, 1, "same", True),
-        (96, 3, 2, "same", False),
-        (192, 3, 1, "same", True),
-        (192, 3, 1, "same", True),
-        (192, 3, 2, "same", False),
-        (192, 3, 1, "same", True),
-        (192, 1, 1, "valid", True),
-        (None, 1, 1, "valid", False),
-    ],
+@dataclass(frozen=True)
+class Conv:
+    """A convolution, followed by a ReLU where `relu`; `filters=None` means one per class."""
+
+    filters: int | None
+    kernel: int
+    strides: int = 1
+    padding: str = "same"
+    relu: bool = True
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The paper's max-pooling: 3x3, stride 2."""
+
+    strides: int = 2
+
+
+# Table 1: the convs of each of the two stages of base models A, B and C, as (filters, kernel);
+# a max-pooling follows each stage.
+_STAGES = {
+    "a": [[(96, 5)], [(192, 5)]],
+    "b": [[(96, 5), (96, 1)], [(192, 5), (192, 1)]],
+    "c": [[(96, 3), (96, 3)], [(192, 3), (192, 3)]],
 }
-_DEFAULT_INPUT_DROPOUT = {"paper": 0.2, "tutorial": 0.0}
+# The top every network shares (Table 1): a valid 3x3 conv (8x8 -> 6x6 on CIFAR), a 1x1 conv and
+# the 1x1 conv to the classes, then global average pooling and the softmax.
+_TOP = [Conv(192, 3, padding="valid"), Conv(192, 1), Conv(None, 1)]
 
-# The classifier: the last 1x1 conv, the one layer whose shape depends on the classes.
-# Transfer learning replaces it (and its batch norm, if any) and keeps the base before it.
-HEAD = f"conv{len(_CONVS['paper'])}"
+
+def _stage(convs: list[Conv], kind: str) -> list[Conv | Pool]:
+    """One stage of a network of Table 2, from its base model's convs: `model` keeps the
+    max-pooling; `strided-cnn` drops it and gives the conv before it stride 2; `convpool-cnn`
+    puts a 3x3 conv (the pooling's size) before it; `all-cnn` replaces it by that conv with stride 2."""
+    extra = Conv(convs[-1].filters, 3)
+    return {"model": [*convs, Pool()],
+            "strided-cnn": [*convs[:-1], dataclasses.replace(convs[-1], strides=2)],
+            "convpool-cnn": [*convs, extra, Pool()],
+            "all-cnn": [*convs, dataclasses.replace(extra, strides=2)]}[kind]
+
+
+def _tutorial(specs: list[Conv]) -> list[Conv]:
+    """The popular Keras tutorial's All-CNN-C: 'same' padding throughout, and no ReLU after the two
+    stride-2 convs nor after the classifier. Its HDF5 weights load into it."""
+    return [dataclasses.replace(conv, padding="same", relu=conv.strides == 1 and conv is not specs[-1])
+            for conv in specs]
+
+
+def network_layers(variant: str) -> list[Conv | Pool]:
+    """The convs and max-poolings of a variant, input to classifier."""
+    variant = canonical_variant(variant)
+    if variant == "tutorial":
+        return _tutorial(network_layers("paper"))
+    kind, family = ("all-cnn-c" if variant == "paper" else variant).rsplit("-", 1)
+    stages = [_stage([Conv(filters, kernel) for filters, kernel in convs], kind) for convs in _STAGES[family]]
+    return [spec for stage in stages for spec in stage] + _TOP
+
+
+_DEFAULT_INPUT_DROPOUT = {"tutorial": 0.0}
+
+
+def classifier_layer(model: keras.Model) -> str:
+    """The name of the classifier, the last conv (1x1 to the classes): the one layer whose shape
+    depends on the classes. Transfer learning replaces it (and its batch norm, if any)."""
+    return [layer.name for layer in model.layers if isinstance(layer, layers.Conv2D)][-1]
 
 
 # Keeps the class name: Keras names a layer's weights in a .weights.h5 file after its class,
@@ -103,16 +137,18 @@ def build_model(
     batch_norm: bool = False,
     seed: int | None = None,
 ) -> keras.Sequential:
-    """Builds All-CNN-C.
+    """Builds one of the paper's networks, All-CNN-C by default.
 
     Args:
-        variant: `"paper"` (the faithful network) or `"tutorial"` (the layout
-            of the popular Keras tutorial, whose HDF5 weights load into it).
+        variant: `"paper"` (All-CNN-C as in the paper; `"all-cnn-c"` is the same), `"tutorial"`
+            (the layout of the popular Keras tutorial, whose HDF5 weights load into it), or a
+            network of the paper's Tables 1-2: `"model-a"`, `"strided-cnn-a"`, `"convpool-cnn-a"`,
+            `"all-cnn-a"`, the same for `b` and `c` (see `allcnn.config.VARIANTS`).
         classes: number of output classes.
         input_shape: shape of one image, channels last.
         input_dropout: dropout rate on the input; `None` means the variant's
-            default (0.2 for `paper`, none for `tutorial`).
-        dropout: dropout rate after each stride-2 convolution.
+            default (0.2 as in the paper, none for `tutorial`).
+        dropout: dropout rate after each max-pooling, or the stride-2 conv in its place.
         weight_decay: the paper's weight decay. Keras' `l2(l)` adds
             `l * sum(w**2)` to the loss, whose gradient is `2 * l * w`, while
             the paper's (Caffe's) decay adds `weight_decay * w` to the
@@ -124,37 +160,35 @@ def build_model(
 
     Returns:
         An uncompiled `keras.Sequential` whose last layer is a float32 softmax,
-        as Keras recommends for mixed precision. Its weights are random: load
-        saved ones with `allcnn.weights_io.load_weights(model, path)`, which
-        reads every format (this module stays free of file formats).
+        as Keras recommends for mixed precision. Its layers are named `conv1`, `bn1`, `relu1`...
+        by conv, and the max-pooling and dropout after conv `i` are `pool{i}` and `dropout{i}`.
+        Its weights are random: load saved ones with `allcnn.weights_io.load_weights(model, path)`,
+        which reads every format (this module stays free of file formats).
     """
-    if variant not in _CONVS:
+    if variant not in VARIANTS:
         raise ConfigError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
     if input_dropout is None:
-        input_dropout = _DEFAULT_INPUT_DROPOUT[variant]
+        input_dropout = _DEFAULT_INPUT_DROPOUT.get(variant, 0.2)
     regularizer = keras.regularizers.l2(weight_decay / 2) if weight_decay else None
 
-    model = keras.Sequential(name=f"allcnn_c_{variant}")
+    model = keras.Sequential(name=model_name(variant))
     model.add(keras.Input(shape=input_shape))
     if input_dropout:
         model.add(layers.Dropout(input_dropout, seed=_offset(seed, 0), name="input_dropout"))
-    for index, (filters, kernel, strides, padding, relu) in enumerate(_CONVS[variant], 1):
-        model.add(
-            layers.Conv2D(
-                filters or classes,
-                kernel,
-                strides=strides,
-                padding=padding,
-                kernel_initializer=kernel_initializer,
-                kernel_regularizer=regularizer,
-                name=f"conv{index}",
-            )
-        )
-        if batch_norm:
-            model.add(BatchNormalization(name=f"bn{index}"))
-        if relu:
-            model.add(layers.ReLU(name=f"relu{index}"))
-        if strides == 2 and dropout:
+    index = 0  # the convs so far: layers are named after the last one
+    for spec in network_layers(variant):
+        if isinstance(spec, Pool):
+            model.add(layers.MaxPooling2D(3, strides=spec.strides, padding="same", name=f"pool{index}"))
+        else:
+            index += 1
+            model.add(layers.Conv2D(spec.filters or classes, spec.kernel, strides=spec.strides, padding=spec.padding,
+                                    kernel_initializer=kernel_initializer, kernel_regularizer=regularizer,
+                                    name=f"conv{index}"))
+            if batch_norm:
+                model.add(BatchNormalization(name=f"bn{index}"))
+            if spec.relu:
+                model.add(layers.ReLU(name=f"relu{index}"))
+        if spec.strides == 2 and dropout:
             model.add(layers.Dropout(dropout, seed=_offset(seed, index), name=f"dropout{index}"))
     model.add(layers.GlobalAveragePooling2D(name="global_average_pooling"))
     model.add(layers.Activation("softmax", dtype="float32", name="predictions"))
@@ -162,9 +196,9 @@ def build_model(
 
 
 def base_layers(model: keras.Model) -> list:
-    """The layers before the classifier (`HEAD`): the features that transfer to other classes."""
+    """The layers before the classifier (`classifier_layer`): the features that transfer to other classes."""
     names = [layer.name for layer in model.layers]
-    return model.layers[: names.index(HEAD)]
+    return model.layers[: names.index(classifier_layer(model))]
 
 
 def freeze_base(model: keras.Model) -> None:
@@ -182,8 +216,8 @@ def fold_batch_norm(model: keras.Sequential) -> keras.Sequential:
     In inference mode a batch norm between a conv and its ReLU is a per-channel affine map
     of the conv's output, so it folds exactly into that conv: with
     `s = gamma / sqrt(moving_variance + epsilon)`, the kernel becomes `kernel * s` (on the
-    output-channel axis) and the bias `beta + (bias - moving_mean) * s`. The result *is*
-    All-CNN-C layer for layer (conv + bias + ReLU), so `build_model(variant)` loads its
+    output-channel axis) and the bias `beta + (bias - moving_mean) * s`. The result *is* the plain
+    network layer for layer (conv + bias + ReLU), so `build_model(variant)` loads its
     weights, and guided backpropagation finds each ReLU right after its conv.
 
     Args:
@@ -196,7 +230,7 @@ def fold_batch_norm(model: keras.Sequential) -> keras.Sequential:
     """
     if not any(isinstance(layer, layers.BatchNormalization) for layer in model.layers):
         raise ConfigError(f"{model.name} has no batch norm to fold")
-    variant = model.name.removeprefix("allcnn_c_")
+    variant = variant_of(model.name)
     names = [layer.name for layer in model.layers]
     rates = {name: model.get_layer(name).rate for name in names if name.startswith(("input_dropout", "dropout"))}
     folded = build_model(

@@ -1,4 +1,4 @@
-"""Reading weights in every format people have, into an All-CNN-C model.
+"""Reading weights in every format people have, into a `build_model` network.
 
 Formats, detected from the file contents rather than the extension:
 
@@ -155,7 +155,7 @@ def _assign(model, saved: list[tuple[str, list[np.ndarray]]], path: Path, base_o
 def load_weights(model, path: str | os.PathLike, *, base_only: bool = False) -> None:
     """Loads a Keras 3, `.keras` or Keras 2 HDF5 weights file into `model`.
 
-    `base_only` loads every layer but the classifier (`allcnn.model.HEAD`), which
+    `base_only` loads every layer but the classifier (`allcnn.model.classifier_layer`), which
     keeps its initial weights: how weights trained on other classes start a
     network with a new classifier (transfer learning).
 

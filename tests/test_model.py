@@ -3,8 +3,11 @@ import numpy as np
 import pytest
 
 from allcnn.config import ConfigError
-from allcnn.model import HEAD, BatchNormalization, build_model, fold_batch_norm, unfold_batch_norm
+from allcnn.model import BatchNormalization, build_model, classifier_layer, fold_batch_norm, unfold_batch_norm
 
+# Each derivation of Table 2 and each base model of Table 1 (5x5, 1x1 and 3x3 convs) at least once:
+# folding goes conv by conv, whatever comes between.
+FOLD_VARIANTS = ["paper", "tutorial", "model-a", "strided-cnn-b", "convpool-cnn-c", "all-cnn-b"]
 PAPER_SHAPES = [
     ("input_dropout", (32, 32, 3)),
     ("conv1", (32, 32, 96)), ("relu1", (32, 32, 96)),
@@ -86,18 +89,19 @@ def _with_batch_norm_statistics(model: keras.Model, rng: np.random.Generator) ->
             layer.set_weights([gamma, rng.uniform(-0.4, 0.4, channels) + 0.3,
                                rng.uniform(-0.5, 0.5, channels) - 0.3, variance])
     # Activations grow through nine such layers; a small last gamma keeps the softmax from saturating.
-    last = model.get_layer(HEAD.replace("conv", "bn"))
+    last = model.get_layer(classifier_layer(model).replace("conv", "bn"))
     last.gamma.assign(last.gamma * 0.05)
     return model
 
 
-@pytest.mark.parametrize("variant", ["paper", "tutorial"])
+@pytest.mark.parametrize("variant", FOLD_VARIANTS)
 def test_fold_batch_norm_gives_the_plain_network_with_the_same_outputs(variant):
     rng = np.random.default_rng(0)
     normed = _with_batch_norm_statistics(build_model(variant, batch_norm=True, seed=0), rng)
     folded = fold_batch_norm(normed)
-    assert [layer.name for layer in folded.layers] == [layer.name for layer in build_model(variant).layers]
-    assert folded.count_params() == 1_369_738
+    plain = build_model(variant)
+    assert [layer.name for layer in folded.layers] == [layer.name for layer in plain.layers]
+    assert folded.count_params() == plain.count_params()
     x = rng.normal(size=(16, 32, 32, 3)).astype("float32")
     expected = keras.ops.convert_to_numpy(normed(x, training=False))
     assert np.median(expected.max(axis=1)) < 0.9  # not saturated: the comparison means something
@@ -107,7 +111,7 @@ def test_fold_batch_norm_gives_the_plain_network_with_the_same_outputs(variant):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.epsilon = 0.0
     without_epsilon = keras.ops.convert_to_numpy(normed(x, training=False))
-    assert np.abs(without_epsilon - expected).max() > 1e-3
+    assert np.abs(without_epsilon - expected).max() > 1e-4  # ten times the tolerance above
 
 
 def test_fold_batch_norm_refuses_a_network_without_it():
@@ -151,7 +155,7 @@ def test_batch_norm_weights_load_across_keras_and_our_layer(tmp_path):
     np.testing.assert_array_equal(ours.layers[0].moving_mean.numpy(), [1.0, 2.0, 3.0])
 
 
-@pytest.mark.parametrize("variant", ["paper", "tutorial"])
+@pytest.mark.parametrize("variant", FOLD_VARIANTS)
 def test_unfold_batch_norm_starts_equal_to_the_plain_network_and_folds_back(variant):
     rng = np.random.default_rng(1)
     plain = build_model(variant, seed=0)
