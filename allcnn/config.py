@@ -41,7 +41,7 @@ EXECUTION_KEYS = ("device", "data_workers", "steps_per_execution")
 # each image and its mirror (training flips images at random, so the network knows both).
 TTA_MODES = ("none", "flip")
 # `allcnn explain`'s maps and `allcnn export`'s formats (see allcnn/explain.py, allcnn/export.py).
-EXPLAIN_METHODS = ("guided", "saliency", "gradcam")
+EXPLAIN_METHODS = ("guided", "deconvnet", "saliency", "gradcam")
 EXPORT_FORMATS = ("onnx", "tflite", "saved_model")
 
 

@@ -1,20 +1,26 @@
 """`allcnn explain`: what the network looks at, as maps over the input image.
 
-Three methods, all from the gradient of one class's pre-softmax score (the
+Four methods, all from the gradient of one class's pre-softmax score (the
 global average pooling output, before the final softmax) with dropout off,
-in float32:
+in float32. Three of them differ only in how the backward pass goes through
+each ReLU (Springenberg et al., 2015, section 3.4 and Figure 3), where the
+plain gradient passes the incoming gradient R where the ReLU's input was positive:
 
-- `guided`: guided backpropagation, the paper's own visualization
-  (Springenberg et al., 2015, section 3.4). Every ReLU is replaced by a guided
-  ReLU, whose backward pass lets a gradient through only where both the ReLU's
-  input and the gradient coming back are positive. Built with
-  `keras.ops.custom_gradient`, so it runs under TensorFlow and JAX alike.
+- `guided`: guided backpropagation, the paper's own visualization: R passes
+  where both the ReLU's input and R are positive.
+- `deconvnet`: the "deconvnet" of Zeiler and Fergus (2014): R passes where R
+  is positive, whatever the ReLU's input (the forward pass leaves no mask).
 - `saliency`: the plain gradient (Simonyan et al., 2014): its absolute value,
   the maximum over the colour channels.
-- `gradcam`: Grad-CAM (Selvaraju et al., 2017) on the last 192-channel feature
-  map (6x6 in `paper`, the input of the final 1x1 classifier conv): that map's channels
+- `gradcam`: Grad-CAM (Selvaraju et al., 2017) on the feature map that enters the
+  classifier, the last conv (6x6 in `paper`): that map's channels
   weighted by their spatially averaged gradient, summed, ReLU'd, and resized
   to the input size bilinearly.
+
+The ReLU layers are swapped for ReLUs with their own backward pass, built with
+`keras.ops.custom_gradient`, so they run under TensorFlow and JAX alike. Every
+other layer keeps its gradient: a max-pooling's passes R to the input that was
+the maximum (the deconvnet's "switches"), in all three.
 
 The preprocessing (per-channel standardization, or ZCA) is applied in numpy
 before the network, so the gradients are taken with respect to the network's
@@ -39,7 +45,7 @@ from allcnn.images import ImageError, expand_inputs, load_batches
 from allcnn.inference import Classifier, Progress, check_float32
 
 TOP = "top"
-# A guided gradient is drawn with this percentile of |gradient| at full scale, so that a few
+# A guided or deconvnet map is drawn with this percentile of |gradient| at full scale, so that a few
 # extreme pixels do not leave the rest of the map flat grey.
 _DISPLAY_PERCENTILE = 99.5
 
@@ -50,19 +56,26 @@ class ExplainError(AllcnnError, RuntimeError):
     """The explanation cannot be computed here (an unsupported backend)."""
 
 
-def guided_relu(x):
-    """ReLU whose gradient passes only where the input and the incoming gradient are positive."""
+def _relu_passing(where: Callable) -> Callable:
+    """A ReLU whose backward pass lets the incoming gradient through `where(inputs, gradient)`."""
     from keras import ops
 
-    @ops.custom_gradient
-    def forward(x):
-        def backward(*args, upstream=None):
-            upstream = args[0] if upstream is None else upstream  # TF and JAX pass it positionally
-            return upstream * ops.cast(x > 0, upstream.dtype) * ops.cast(upstream > 0, upstream.dtype)
+    def relu(x):
+        @ops.custom_gradient
+        def forward(x):
+            def backward(*args, upstream=None):
+                upstream = args[0] if upstream is None else upstream  # TF and JAX pass it positionally
+                return upstream * ops.cast(where(x, upstream), upstream.dtype)
 
-        return ops.relu(x), backward
+            return ops.relu(x), backward
 
-    return forward(x)
+        return forward(x)
+
+    return relu
+
+
+guided_relu = _relu_passing(lambda x, gradient: (x > 0) & (gradient > 0))
+deconvnet_relu = _relu_passing(lambda x, gradient: gradient > 0)
 
 
 def _network_layers(model) -> list:
@@ -70,7 +83,7 @@ def _network_layers(model) -> list:
 
     The model must be a `build_model` network, whose convs are linear and followed by
     separate ReLU layers: a layer with an activation of its own would hide a ReLU from
-    guided backpropagation, so it is refused.
+    guided backpropagation and the deconvnet, so it is refused.
     """
     import keras
 
@@ -82,12 +95,12 @@ def _network_layers(model) -> list:
     return kept
 
 
-def score_layers(model, *, guided: bool = False) -> Layers:
+def score_layers(model, *, relu: Callable | None = None) -> Layers:
     """The model's layers up to the pre-softmax score, as callables in inference mode;
-    with `guided`, every ReLU layer becomes `guided_relu`."""
+    with `relu` (`guided_relu`, `deconvnet_relu`), every ReLU layer becomes it."""
     import keras
 
-    return [guided_relu if guided and isinstance(layer, keras.layers.ReLU)
+    return [relu if relu and isinstance(layer, keras.layers.ReLU)
             else (lambda x, layer=layer: layer(x, training=False)) for layer in _network_layers(model)]
 
 
@@ -136,16 +149,26 @@ def class_scores(classes: np.ndarray) -> Callable:
     return lambda logits: ops.take_along_axis(logits, picked, axis=1)[:, 0]
 
 
+def backpropagate(model, x: np.ndarray, classes: np.ndarray, relu: Callable | None = None) -> np.ndarray:
+    """Each image's class score taken back to the input, (N, H, W, C): the plain gradient, or
+    with `relu` the backward pass it gives the ReLUs."""
+    layers, pick = score_layers(model, relu=relu), class_scores(classes)
+    return input_gradient(lambda v: pick(run_layers(layers, v)), x)
+
+
 def guided_gradient(model, x: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Guided backpropagation of each image's class score to the input, (N, H, W, C)."""
-    layers, pick = score_layers(model, guided=True), class_scores(classes)
-    return input_gradient(lambda v: pick(run_layers(layers, v)), x)
+    return backpropagate(model, x, classes, guided_relu)
+
+
+def deconvnet(model, x: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """The deconvnet's reconstruction of each image's class score at the input, (N, H, W, C)."""
+    return backpropagate(model, x, classes, deconvnet_relu)
 
 
 def saliency(model, x: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """|plain gradient| of each image's class score, maximum over channels, (N, H, W)."""
-    layers, pick = score_layers(model), class_scores(classes)
-    return np.abs(input_gradient(lambda v: pick(run_layers(layers, v)), x)).max(axis=-1)
+    return np.abs(backpropagate(model, x, classes)).max(axis=-1)
 
 
 def gradcam(model, x: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -161,7 +184,7 @@ def gradcam(model, x: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return _unit_scale(np.maximum(resized, 0))
 
 
-_MAPS = {"guided": guided_gradient, "saliency": saliency, "gradcam": gradcam}
+_MAPS = {"guided": guided_gradient, "deconvnet": deconvnet, "saliency": saliency, "gradcam": gradcam}
 
 
 def _unit_scale(maps: np.ndarray) -> np.ndarray:
@@ -171,7 +194,7 @@ def _unit_scale(maps: np.ndarray) -> np.ndarray:
 
 
 def to_display(explanation: np.ndarray) -> np.ndarray:
-    """An explanation as an image in [0, 1]: a guided gradient (H, W, 3) centred on grey
+    """An explanation as an image in [0, 1]: a gradient (H, W, 3) centred on grey
     (zero gradient) with the 99.5th percentile of |gradient| at full scale, so a few
     extreme pixels do not leave the rest black; a (H, W) map scaled to its maximum."""
     if explanation.ndim == 2:
@@ -182,7 +205,7 @@ def to_display(explanation: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Explanation:
-    """One image explained: `map` is (H, W, 3) for `guided` (the raw gradient), (H, W) |gradient| for
+    """One image explained: `map` is (H, W, 3) for `guided` and `deconvnet` (as computed), (H, W) |gradient| for
     `saliency`, and (H, W) in [0, 1] for `gradcam`."""
 
     path: str
@@ -256,7 +279,7 @@ def explain(
 
 
 # Colorbar labels: both maps are divided by their own maximum (`gradcam`, `to_display`), so 1 is
-# the image's peak, not an absolute value. A guided gradient is RGB: no single scale, no bar.
+# the image's peak, not an absolute value. A guided or deconvnet map is RGB: no single scale, no bar.
 _SCALES = {"gradcam": "relevance (÷ its max)", "saliency": "|gradient| (÷ its max)"}
 
 

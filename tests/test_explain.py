@@ -1,4 +1,4 @@
-"""`allcnn explain`: guided backpropagation against a hand computation, the maps, the command."""
+"""`allcnn explain`: guided backpropagation and the deconvnet against a hand computation, the maps, the command."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from tests.helpers_weights import make_run
 
 # A network shaped like All-CNN-C's end (1x1 conv, ReLU, 1x1 conv to the classes, ReLU, global
 # average pooling, softmax) on 2x2x2 inputs, with weights chosen so that the gradient reaching
-# the first ReLU has both signs: there guided backpropagation and the plain gradient differ.
+# the first ReLU has both signs, also where that ReLU's input is negative: there guided
+# backpropagation, the deconvnet and the plain gradient all differ.
 W1 = np.array([[1.0, -2.0, 0.5], [0.5, 1.0, -1.0]], np.float32)  # 2 -> 3 channels
 W2 = np.array([[1.0, -1.0], [-2.0, 1.0], [0.5, 0.5]], np.float32)  # 3 -> 2 classes
 B1 = np.array([0.1, -0.2, 0.3], np.float32)
@@ -42,44 +43,59 @@ def tiny_network():
     return namespace["model"]
 
 
-def by_hand(x: np.ndarray, c: int, guided: bool) -> np.ndarray:
+# What of the gradient R coming back lets a ReLU with input h pass it (the paper's Figure 3).
+RELU_BACKWARD = {
+    "gradient": lambda h, r: h > 0,
+    "guided": lambda h, r: (h > 0) & (r > 0),
+    "deconvnet": lambda h, r: r > 0,  # no forward mask
+}
+
+
+def by_hand(x: np.ndarray, c: int, method: str) -> np.ndarray:
     """The backward pass of the tiny network's class-c pre-softmax score, written out in numpy."""
+    passes = RELU_BACKWARD[method]
     h = x @ W1 + B1
     z = np.maximum(h, 0) @ W2 + B2
     pixels = x.shape[1] * x.shape[2]
     dz = np.zeros_like(z)
     dz[..., c] = 1.0 / pixels  # d mean / d z
-    dz *= z > 0  # the second ReLU; the incoming gradient is positive, so guided adds no mask
+    dz *= passes(z, dz)  # the second ReLU: z and dz are positive, every method passes it
     dr = dz @ W2.T
-    dh = dr * (h > 0) * ((dr > 0) if guided else 1)
-    return dh @ W1.T
+    return (dr * passes(h, dr)) @ W1.T
 
 
 @pytest.mark.parametrize("c", [0, 1])
-def test_guided_gradient_matches_the_hand_computation(c):
-    from allcnn.explain import guided_gradient, saliency
+def test_backward_passes_match_the_hand_computation(c):
+    from allcnn.explain import backpropagate, deconvnet, guided_gradient, saliency
 
-    model = tiny_network()
-    guided = guided_gradient(model, X, np.array([c]))
-    np.testing.assert_allclose(guided, by_hand(X, c, guided=True), atol=1e-6)
-    plain = by_hand(X, c, guided=False)
-    assert not np.allclose(guided, plain, atol=1e-3)  # the weights make the two differ
-    np.testing.assert_allclose(saliency(model, X, np.array([c])), np.abs(plain).max(axis=-1), atol=1e-6)
+    model, classes = tiny_network(), np.array([c])
+    computed = {"gradient": backpropagate(model, X, classes), "guided": guided_gradient(model, X, classes),
+                "deconvnet": deconvnet(model, X, classes)}
+    for method, gradient in computed.items():
+        np.testing.assert_allclose(gradient, by_hand(X, c, method), atol=1e-6, err_msg=method)
+    # The weights make the three differ: at some first-ReLU input h <= 0 the gradient coming back is
+    # positive, so a deconvnet that applied the forward mask would fail here.
+    for a, b in (("guided", "gradient"), ("deconvnet", "guided"), ("deconvnet", "gradient")):
+        assert not np.allclose(computed[a], computed[b], atol=1e-3), (a, b)
+    np.testing.assert_allclose(saliency(model, X, classes), np.abs(computed["gradient"]).max(axis=-1), atol=1e-6)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="the JAX backend is the optional extra allcnn[jax]")
-def test_guided_gradient_under_jax_matches_the_hand_computation():
+def test_guided_and_deconvnet_under_jax_match_the_hand_computation():
     script = textwrap.dedent(f"""
         import json, numpy as np
         W1, W2, B1, B2 = (np.array(v, np.float32) for v in {[W1.tolist(), W2.tolist(), B1.tolist(), B2.tolist()]})
         {textwrap.indent(TINY_NETWORK, '        ').strip()}
-        from allcnn.explain import guided_gradient
-        print(json.dumps(guided_gradient(model, np.array({X.tolist()}, np.float32), np.array([1])).tolist()))
+        from allcnn.explain import deconvnet, guided_gradient
+        x, classes = np.array({X.tolist()}, np.float32), np.array([1])
+        print(json.dumps([guided_gradient(model, x, classes).tolist(), deconvnet(model, x, classes).tolist()]))
         """)
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    np.testing.assert_allclose(json.loads(run.stdout.splitlines()[-1]), by_hand(X, 1, guided=True), atol=1e-6)
+    guided, deconvnet = json.loads(run.stdout.splitlines()[-1])
+    np.testing.assert_allclose(guided, by_hand(X, 1, "guided"), atol=1e-6)
+    np.testing.assert_allclose(deconvnet, by_hand(X, 1, "deconvnet"), atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +108,7 @@ def pixels():
     return np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
 
 
-def test_maps_of_the_three_methods(weights, pixels):
+def test_maps_of_the_four_methods(weights, pixels):
     from allcnn.explain import explain_arrays
     from allcnn.inference import load_classifier
 
@@ -102,6 +118,8 @@ def test_maps_of_the_three_methods(weights, pixels):
     assert (classes == probabilities.argmax(axis=1)).all()
     plain, _, _ = explain_arrays(classifier, pixels, method="saliency")
     assert plain.shape == (3, 32, 32) and not np.allclose(np.abs(guided).max(axis=-1), plain, rtol=0.05)
+    deconvnet, _, _ = explain_arrays(classifier, pixels, method="deconvnet")
+    assert deconvnet.shape == guided.shape and not np.allclose(deconvnet, guided, rtol=0.05)
     cam, dogs, _ = explain_arrays(classifier, pixels, method="gradcam", class_name="dog")
     assert cam.shape == (3, 32, 32) and cam.min() >= 0 and cam.max() <= 1 and (dogs == 5).all()
 
@@ -167,12 +185,12 @@ def test_same_names_do_not_overwrite(tmp_path):
         "cat.saliency.png", "cat-2.saliency.png", "grid-2.saliency.png", "grid.saliency.png"]
 
 
-@pytest.mark.parametrize("method, bars", [("gradcam", 1), ("saliency", 1), ("guided", 0)])
+@pytest.mark.parametrize("method, bars", [("gradcam", 1), ("saliency", 1), ("guided", 0), ("deconvnet", 0)])
 def test_map_panels_have_a_colorbar_but_rgb_guided_has_none(method, bars):
     from allcnn.explain import Explanation, panels
     from allcnn.plots import panel_figure
 
-    shape = (32, 32, 3) if method == "guided" else (32, 32)
+    shape = (32, 32, 3) if method in ("guided", "deconvnet") else (32, 32)
     e = Explanation("x/cat.png", np.zeros((32, 32, 3), np.uint8), method, "cat", "cat", 0.5,
                     np.random.default_rng(0).random(shape, dtype=np.float32))
     for fig, images in ((panel_figure(panels(e), columns=2), 1), (panel_figure(panels(e) * 3, columns=4), 3)):
