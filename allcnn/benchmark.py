@@ -1,11 +1,12 @@
-"""`allcnn benchmark`: how fast All-CNN-C trains and infers here, and how close that is to the machine's ceiling.
+"""`allcnn benchmark`: how fast All-CNN-C (or another variant) trains and infers here, and how close that is to
+the machine's ceiling.
 
 Every throughput is images/s on synthetic CIFAR-shaped data, timed after a
 warm-up over several repetitions and reported as median, min and max: CPU
 timings of this model vary up to 2x between identical runs.
 
 FLOPs count a multiply-add as 2 and cover the convolutions only (bias, ReLU,
-pooling and softmax add well under 1%). A training step counts 3x the forward
+max- and average pooling and softmax add well under 1%). A training step counts 3x the forward
 pass (forward, plus gradients with respect to inputs and to weights), the
 usual convention. The ceiling is one large matmul's GFLOP/s: the best a dense
 kernel reaches here in float32 and, where the CPU has it natively, bfloat16.
@@ -182,7 +183,7 @@ class _EpochTimer(keras.callbacks.Callback):
 
 
 def train_rate(policy: str, batch_size: int, steps: int, repeats: int, feed: str = "tensors",
-               batch_norm: bool = False) -> Spread:
+               batch_norm: bool = False, variant: str = "paper") -> Spread:
     """Images/s of `model.fit` compiled exactly as `allcnn train` compiles it (SGD Nesterov, L2),
     with `batch_norm` the network a batch-norm recipe trains (configs/release-bn.toml).
 
@@ -191,7 +192,8 @@ def train_rate(policy: str, batch_size: int, steps: int, repeats: int, feed: str
     figure includes the pipeline as `allcnn train` runs it.
     """
     with dtype_policy(policy):
-        model = compile_model(make_config(batch_size=batch_size, precision=policy, batch_norm=batch_norm), steps)
+        model = compile_model(make_config(variant=variant, batch_size=batch_size, precision=policy,
+                                          batch_norm=batch_norm), steps)
     if feed == "pipeline":
         data, steps_per_epoch = synthetic_pipeline(batch_size, steps), None
     elif tf is None:
@@ -203,11 +205,11 @@ def train_rate(policy: str, batch_size: int, steps: int, repeats: int, feed: str
     return Spread.of([batch_size * steps / s for s in timer.seconds[1:]])
 
 
-def infer_rate(policy: str, batch_size: int, steps: int, repeats: int) -> Spread:
+def infer_rate(policy: str, batch_size: int, steps: int, repeats: int, variant: str = "paper") -> Spread:
     """Images/s of `evaluate` and `predict`'s own path (`allcnn.inference.Classifier`): uint8 images in,
     preprocessing, the compiled forward pass, float32 probabilities out."""
     with dtype_policy(policy):
-        classifier = Classifier(build_model(), _PREPROCESSING, precision=policy)
+        classifier = Classifier(build_model(variant), _PREPROCESSING, precision=policy)
     images = synthetic_images(batch_size * steps)
 
     def work(_: int) -> float:
@@ -252,8 +254,8 @@ def _figures(rate: Spread, flops_per_image: int, ceiling: Spread) -> dict:
 
 def run_benchmark(precision: str = "auto", batch_sizes: tuple[int, ...] = (128,), *, steps: int = 10,
                   repeats: int = 5, intra_threads: int = 0, inter_threads: int = 0, feed: str = "tensors",
-                  device: str = "auto", deterministic: bool = True) -> dict:
-    """Measures everything `allcnn benchmark` reports; returns it as one JSON-able dict.
+                  device: str = "auto", deterministic: bool = True, variant: str = "paper") -> dict:
+    """Measures everything `allcnn benchmark` reports of the `variant` network; returns it as one JSON-able dict.
 
     `deterministic` enables TensorFlow's op determinism on the CPU, as `allcnn
     train` does, so the figures are what training gets; turn it off to see its
@@ -265,25 +267,25 @@ def run_benchmark(precision: str = "auto", batch_sizes: tuple[int, ...] = (128,)
     cases = [(policy, reason, batch_size) for policy, reason in policies(precision, gpu) for batch_size in batch_sizes]
     # allcnn train runs batch norm without op determinism (allcnn.training._configure), and
     # TensorFlow cannot turn it off again within a process: the batch-norm steps come first.
-    batch_norm = {(policy, batch_size): train_rate(policy, batch_size, steps, repeats, feed, batch_norm=True)
+    batch_norm = {(policy, batch_size): train_rate(policy, batch_size, steps, repeats, feed, True, variant)
                   for policy, _, batch_size in cases}
     if tf is not None and gpu is None and deterministic:
         tf.config.experimental.enable_op_determinism()
     ceilings = {"float32": matmul_ceiling("float32", repeats)}
     if gpu is not None or hardware.has_native_bf16():
         ceilings["bfloat16"] = matmul_ceiling("bfloat16", repeats)
-    flops = model_flops(build_model())
+    flops = model_flops(build_model(variant))
     runs = []
     for policy, reason, batch_size in cases:
         ceiling_dtype = "bfloat16" if policy == "mixed_bfloat16" and "bfloat16" in ceilings else "float32"
-        rates = {"train": (train_rate(policy, batch_size, steps, repeats, feed), flops["train"]),
+        rates = {"train": (train_rate(policy, batch_size, steps, repeats, feed, variant=variant), flops["train"]),
                  "train_bn": (batch_norm[policy, batch_size], flops["train"]),
-                 "infer": (infer_rate(policy, batch_size, steps, repeats), flops["forward"])}
+                 "infer": (infer_rate(policy, batch_size, steps, repeats, variant), flops["forward"])}
         runs.append({"precision": policy, "reason": reason, "batch_size": batch_size, "ceiling": ceiling_dtype,
                      **{task: _figures(rate, work, ceilings[ceiling_dtype]) for task, (rate, work) in rates.items()}})
     return {
         "machine": machine(gpu),
-        "protocol": {"steps": steps, "repeats": repeats, "warmup_repetitions": 1, "feed": feed,
+        "protocol": {"variant": variant, "steps": steps, "repeats": repeats, "warmup_repetitions": 1, "feed": feed,
                      "infer_path": "allcnn.inference.Classifier: uint8 in, preprocessing, compiled forward",
                      "deterministic": deterministic and gpu is None and tf is not None, "matmul_size": MATMUL_SIZE,
                      "flops": "conv multiply-adds x2; train = 3x forward",
@@ -315,7 +317,7 @@ def format_table(result: dict) -> str:
         software,
         f"protocol: {p['repeats']} timed repetitions of {p['steps']} batches after 1 warm-up, median (min-max); "
         f"training fed by {p['feed']}; op determinism {'on' if p['deterministic'] else 'off'}",
-        f"FLOPs per image: forward {result['flops_per_image']['forward'] / 1e6:.1f} M, "
+        f"{p['variant']}: FLOPs per image: forward {result['flops_per_image']['forward'] / 1e6:.1f} M, "
         f"train {result['flops_per_image']['train'] / 1e6:.1f} M ({p['flops']})",
     ]
     lines += [f"ceiling: {dtype} {MATMUL_SIZE}x{MATMUL_SIZE} matmul {_spread(s, 1)} GFLOP/s (% below: of its max)"

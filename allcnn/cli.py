@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 from allcnn.config import (DATASETS, DEVICES, DISTRIBUTE_MODES, EXPLAIN_METHODS, EXPORT_FORMATS, LR_SCALINGS, PRECISIONS,
-                           SCHEDULES, SHIPPED, TTA_MODES, ConfigError)
+                           SCHEDULES, SHIPPED, TTA_MODES, VARIANTS, ConfigError)
 from allcnn.errors import AllcnnError
 from allcnn.manifest import WeightsSpec, resolve_weights
 
@@ -100,7 +100,9 @@ def main(debug: bool) -> None:
               help="Validate and checkpoint a moving average of the weights (SGD use_ema).")
 @click.option("--ema-momentum", type=click.FloatRange(0, 1, max_open=True),
               help="Weight of the old average at each step (0.999: about the last 1,000 steps).")
-@click.option("--variant", type=click.Choice(["paper", "tutorial"]))
+@click.option("--variant", type=click.Choice(VARIANTS),
+              help="The network: paper (All-CNN-C, the default; all-cnn-c is the same), tutorial, or one of the "
+                   "paper's Tables 1-2 (model-a, strided-cnn-a, convpool-cnn-a, all-cnn-a; the same for b and c).")
 @click.option("--precision", type=click.Choice(PRECISIONS),
               help="auto: bf16 only where the hardware has it natively.")
 @click.option("--seed", type=int)
@@ -220,15 +222,18 @@ def train(config_path, data_dir, test_dir, out, resume, overwrite, test, coordin
               help="Training input: one in-memory batch (the train step alone) or allcnn train's augmenting pipeline.")
 @click.option("--deterministic/--no-deterministic", default=True, show_default=True,
               help="TensorFlow op determinism on the CPU, as allcnn train uses.")
+@click.option("--variant", type=click.Choice(VARIANTS), default="paper", show_default=True,
+              help="The network measured (see allcnn train --help).")
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def benchmark(precision, batch_sizes, steps, repeats, intra_threads, inter_threads, feed, deterministic, device,
-              as_json) -> None:
+def benchmark(precision, batch_sizes, steps, repeats, intra_threads, inter_threads, feed, deterministic, variant,
+              device, as_json) -> None:
     """Measure training and inference speed here, against this machine's matmul ceiling.
 
     \b
     Example:
       allcnn benchmark --precision all --batch-size 64 --batch-size 128
+      allcnn benchmark --variant model-c
     """
     import json
 
@@ -238,7 +243,7 @@ def benchmark(precision, batch_sizes, steps, repeats, intra_threads, inter_threa
 
         result = run_benchmark(precision, tuple(batch_sizes), steps=steps, repeats=repeats, intra_threads=intra_threads,
                                inter_threads=inter_threads, feed=feed, device=device or "auto",
-                               deterministic=deterministic)
+                               deterministic=deterministic, variant=variant)
     click.echo(json.dumps(result) if as_json else format_table(result))
 
 
@@ -246,8 +251,8 @@ network_options = [
     click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
                  help="Keras 3 .weights.h5 (a run's best.weights.h5), .keras, or Keras 2 .hdf5 "
                       "[default: the shipped weights in weights/manifest.json].",),
-    click.option("--variant", type=click.Choice(["paper", "tutorial"]),
-                 help="Model variant, when no config.toml lies beside --weights."),
+    click.option("--variant", type=click.Choice(VARIANTS),
+                 help="Model variant, when no config.toml lies beside --weights (see allcnn train --help)."),
     click.option("--preprocessing-json", type=click.Path(path_type=Path, dir_okay=False),
                  help="The run's preprocessing.json, when none lies beside --weights."),
     device_option,
@@ -420,7 +425,8 @@ def predict(inputs, weights, variant, preprocessing_json, device, batch_size, pr
               help="The class to explain, one of the weights' (CIFAR-10: airplane ... truck); "
                    "top: each image's predicted class.")
 @click.option("--method", type=click.Choice(EXPLAIN_METHODS), default="guided", show_default=True,
-              help="guided: the paper's guided backpropagation; saliency: |gradient|; gradcam: Grad-CAM.")
+              help="guided: the paper's guided backpropagation; deconvnet: the deconvnet's reconstruction "
+                   "(the paper's Figure 3); saliency: |gradient|; gradcam: Grad-CAM.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("explanations"),
               show_default=True, help="Folder for the PNGs: one per image, and grid.METHOD.png for several.")
 def explain(inputs, weights, variant, preprocessing_json, device, class_name, method, out):

@@ -2,8 +2,8 @@
 
 Weights alone are not enough to classify an image: the model variant and the
 preprocessing statistics must match the ones used in training, or accuracy
-silently collapses (the `paper` and `tutorial` variants even have identical
-weight shapes). `resolve_weights` therefore returns the weights path *with*
+silently collapses (the `paper`, `tutorial` and `convpool-cnn-c` variants even have
+identical weight shapes). `resolve_weights` therefore returns the weights path *with*
 its variant and preprocessing, taken from the run folder, the manifest, or the
 file format itself.
 
@@ -40,6 +40,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from allcnn.config import VARIANTS, variant_of
 from allcnn.data import CLASS_NAMES
 from allcnn.preprocessing import Preprocessing
 from allcnn.run_folder import RunFolder
@@ -144,8 +145,7 @@ def _keras_archive_architecture(path: Path) -> tuple[str | None, dict]:
         config = json.loads(archive.read("config.json"))
     name = config.get("config", {}).get("name", "")
     layers = config.get("config", {}).get("layers", [])
-    variant = name.removeprefix("allcnn_c_") if name.startswith("allcnn_c_") else None
-    return variant, {"batch_norm": any(layer.get("class_name") == "BatchNormalization" for layer in layers)}
+    return variant_of(name), {"batch_norm": any(layer.get("class_name") == "BatchNormalization" for layer in layers)}
 
 
 def _from_file(path: Path, variant: str | None, preprocessing_json: Path | None) -> WeightsSpec:
@@ -168,7 +168,8 @@ def _from_file(path: Path, variant: str | None, preprocessing_json: Path | None)
         found_variant, architecture = _keras_archive_architecture(path)
     variant = variant or found_variant
     if variant is None:
-        raise WeightsError(f"{path}: no config.toml beside it tells the model variant; pass --variant paper|tutorial")
+        raise WeightsError(f"{path}: no config.toml beside it tells the model variant; pass --variant NAME "
+                           f"(paper for All-CNN-C; all: {', '.join(VARIANTS)})")
     if preprocessing_json is not None:
         prep = Preprocessing.load(preprocessing_json)
     if prep is None:

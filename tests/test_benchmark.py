@@ -23,6 +23,16 @@ PAPER_FORWARD_FLOPS = {
     "conv8": 2 * 6 * 6 * 1 * 1 * 192 * 192,
     "conv9": 2 * 6 * 6 * 1 * 1 * 192 * 10,
 }
+# Model C (Table 1): the same convs at stride 1, a max-pooling (no FLOPs counted) halving the maps after each stage.
+MODEL_C_FORWARD_FLOPS = {
+    "conv1": 2 * 32 * 32 * 3 * 3 * 3 * 96,
+    "conv2": 2 * 32 * 32 * 3 * 3 * 96 * 96,
+    "conv3": 2 * 16 * 16 * 3 * 3 * 96 * 192,  # after the first max-pooling
+    "conv4": 2 * 16 * 16 * 3 * 3 * 192 * 192,
+    "conv5": 2 * 6 * 6 * 3 * 3 * 192 * 192,  # after the second, valid: 8x8 -> 6x6
+    "conv6": 2 * 6 * 6 * 1 * 1 * 192 * 192,
+    "conv7": 2 * 6 * 6 * 1 * 1 * 192 * 10,
+}
 TINY = ["benchmark", "--precision", "float32", "--batch-size", "2", "--steps", "1", "--repeats", "1"]
 # `allcnn` with TensorFlow unimportable, as on a machine that has JAX alone.
 WITHOUT_TENSORFLOW = "import sys; sys.modules['tensorflow'] = None; from allcnn.cli import main; main(sys.argv[1:])"
@@ -45,6 +55,10 @@ def test_flops_match_hand_computed_values():
     assert total == {"forward": 541_596_672, "train": 3 * 541_596_672}
 
 
+def test_flops_of_a_max_pooling_network():
+    assert benchmark.conv_flops(build_model("model-c")) == MODEL_C_FORWARD_FLOPS
+
+
 def test_spread_is_median_and_range():
     assert benchmark.Spread.of([3.0, 1.0, 2.0, 10.0]) == benchmark.Spread(2.5, 1.0, 10.0)
 
@@ -62,6 +76,7 @@ def test_json_has_every_figure(tiny_result):
     assert {"cpu", "cores", "native_bf16", "backend", "tensorflow", "keras"} <= set(tiny_result["machine"])
     assert tiny_result["skipped"] == {}  # the TensorFlow backend skips nothing
     assert tiny_result["flops_per_image"]["forward"] == sum(PAPER_FORWARD_FLOPS.values())
+    assert tiny_result["protocol"]["variant"] == "paper"
     assert tiny_result["ceiling_gflops"]["float32"]["median"] > 0
     assert tiny_result["pipeline_images_per_s"]["2"]["median"] > 0
     (run,) = tiny_result["runs"]
@@ -81,6 +96,14 @@ def test_table_is_the_default_output(tiny_result, monkeypatch):
                  "% of ceiling", "float32             2 train", "float32             2 train_bn",
                  "float32             2 infer", "train_bn trains at"):
         assert text in result.stdout
+
+
+def test_variant_reaches_the_benchmark(tiny_result, monkeypatch):
+    asked = {}
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda *args, **kwargs: asked.update(kwargs) or tiny_result)
+    result = CliRunner().invoke(main, [*TINY, "--variant", "model-c"])
+    assert result.exit_code == 0, result.output
+    assert asked["variant"] == "model-c"
 
 
 @pytest.mark.slow
