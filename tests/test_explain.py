@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from PIL import Image
 
 from allcnn.cli import main
 from tests.helpers_weights import make_run
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 # A network shaped like All-CNN-C's end (1x1 conv, ReLU, 1x1 conv to the classes, ReLU, global
 # average pooling, softmax) on 2x2x2 inputs, with weights chosen so that the gradient reaching
@@ -208,3 +211,15 @@ def test_a_layer_with_its_own_activation_is_refused():
                               keras.layers.GlobalAveragePooling2D(), keras.layers.Activation("softmax")])
     with pytest.raises(ExplainError, match="own activation"):
         guided_gradient(model, X, np.array([0]))
+
+
+def test_explain_figure_script_draws_a_row_per_network(weights, cifar_dir, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("explain_figure", SCRIPTS / "explain_figure.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "figure.png"
+    script.main([str(weights), str(weights), "--data-dir", str(cifar_dir), "--index", "3", "--out", str(out)])
+    assert out.read_bytes()[:4] == b"\x89PNG" and f"figure: {out}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as missing:
+        script.main([str(tmp_path / "gone.weights.h5"), "--data-dir", str(cifar_dir), "--out", str(out)])
+    assert missing.value.code == 1 and "gone.weights.h5: no such weights file" in capsys.readouterr().err
