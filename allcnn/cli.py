@@ -101,8 +101,8 @@ def main(debug: bool) -> None:
 @click.option("--ema-momentum", type=click.FloatRange(0, 1, max_open=True),
               help="Weight of the old average at each step (0.999: about the last 1,000 steps).")
 @click.option("--variant", type=click.Choice(VARIANTS),
-              help="The network: paper (All-CNN-C, the default; all-cnn-c is the same), tutorial, or one of the "
-                   "paper's Tables 1-2 (model-a, strided-cnn-a, convpool-cnn-a, all-cnn-a; the same for b and c).")
+              help="The network (default paper: All-CNN-C, which all-cnn-c also names); the others of the paper's "
+                   "Tables 1-2 and tutorial are in docs/models.md.")
 @click.option("--precision", type=click.Choice(PRECISIONS),
               help="auto: bf16 only where the hardware has it natively.")
 @click.option("--seed", type=int)

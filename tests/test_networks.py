@@ -14,6 +14,7 @@ from PIL import Image
 
 from allcnn.cli import main
 from allcnn.config import VARIANTS, ConfigError, make_config, tomllib
+from allcnn.data import CLASS_NAMES
 from allcnn.model import base_layers, build_model
 
 # Tables 1 and 2 written out, input to classifier: `cK-F` is a KxK conv with F filters ('s2': stride 2,
@@ -136,7 +137,7 @@ def _run(*args) -> str:
 
 @pytest.mark.parametrize("variant", ["model-c", "all-cnn-a"])
 def test_every_command_on_a_variant(variant, cifar_dir, tmp_path):
-    """train, resume, evaluate, explain, export, a .keras file and a manifest entry, on a max-pooling
+    """train, resume, evaluate, predict, explain, export, a .keras file and a manifest entry, on a max-pooling
     network and on another family: each reads the variant from the run folder."""
     from allcnn.manifest import resolve_weights, write_manifest_entry
 
@@ -155,6 +156,8 @@ def test_every_command_on_a_variant(variant, cifar_dir, tmp_path):
     assert evaluated["variant"] == variant and evaluated["images"] == 40
     image = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
+    predicted = json.loads(_run("predict", image, "--weights", weights, "--json", "--top-k", 1))
+    assert predicted["top"][0]["class"] in CLASS_NAMES
     _run("explain", image, "--weights", weights, "--method", "deconvnet", "--out", tmp_path / "maps")
     assert (tmp_path / "maps" / "cat.deconvnet.png").is_file()
     _run("export", "--weights", weights, "--format", "saved_model", "--out", tmp_path / "exported")
