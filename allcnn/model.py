@@ -44,6 +44,8 @@ _STAGES = {
 # The top every network shares (Table 1): a valid 3x3 conv (8x8 -> 6x6 on CIFAR), a 1x1 conv and
 # the 1x1 conv to the classes, then global average pooling and the softmax.
 _TOP = [Conv(192, 3, padding="valid"), Conv(192, 1), Conv(None, 1)]
+# The paper's dropout on the input is 20%; the tutorial has none.
+_DEFAULT_INPUT_DROPOUT = {"tutorial": 0.0}
 
 
 def _stage(convs: list[Conv], kind: str) -> list[Conv | Pool]:
@@ -60,8 +62,8 @@ def _stage(convs: list[Conv], kind: str) -> list[Conv | Pool]:
 def _tutorial(specs: list[Conv]) -> list[Conv]:
     """The popular Keras tutorial's All-CNN-C: 'same' padding throughout, and no ReLU after the two
     stride-2 convs nor after the classifier. Its HDF5 weights load into it."""
-    return [dataclasses.replace(conv, padding="same", relu=conv.strides == 1 and conv is not specs[-1])
-            for conv in specs]
+    last = len(specs) - 1
+    return [dataclasses.replace(conv, padding="same", relu=conv.strides == 1 and i < last) for i, conv in enumerate(specs)]
 
 
 def network_layers(variant: str) -> list[Conv | Pool]:
@@ -72,9 +74,6 @@ def network_layers(variant: str) -> list[Conv | Pool]:
     kind, family = ("all-cnn-c" if variant == "paper" else variant).rsplit("-", 1)
     stages = [_stage([Conv(filters, kernel) for filters, kernel in convs], kind) for convs in _STAGES[family]]
     return [spec for stage in stages for spec in stage] + _TOP
-
-
-_DEFAULT_INPUT_DROPOUT = {"tutorial": 0.0}
 
 
 def classifier_layer(model: keras.Model) -> str:
