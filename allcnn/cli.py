@@ -150,7 +150,7 @@ def main(debug: bool) -> None:
 @click.option("--test", is_flag=True, help="Evaluate the best weights on the test set at the end.")
 def train(config_path, data_dir, test_dir, out, resume, overwrite, test, coordinator_address, num_processes,
           process_id, **flags) -> None:
-    """Train All-CNN-C into a run folder (resumable).
+    """Train All-CNN-C (or another network: --variant) into a run folder (resumable).
 
     \b
     Example:
