@@ -30,7 +30,8 @@ import numpy as np
 
 from allcnn import hardware
 from allcnn.config import make_config
-from allcnn.inference import Classifier, dtype_policy
+from allcnn.hardware import dtype_policy
+from allcnn.inference import Classifier
 from allcnn.model import build_model
 from allcnn.optim import compile_model
 from allcnn.pipeline import CifarBatches

@@ -15,7 +15,9 @@ import time
 import keras
 from keras import ops
 
+from allcnn.distribute import outside_distribution
 from allcnn.files import atomic_save_weights
+from allcnn.plots import plot_history
 from allcnn.run_folder import RunFolder, best_val_accuracy
 
 
@@ -53,8 +55,6 @@ class CurvesPlotter(keras.callbacks.Callback):
             self._draw()
 
     def _draw(self):
-        from allcnn.plots import plot_history
-
         plot_history(self.run.read_history(self._epochs), self.run.curves_path)
         self._drawn_at, self._drawn = time.perf_counter(), self._epochs
 
@@ -97,25 +97,22 @@ class SwapEMAWeights(keras.callbacks.SwapEMAWeights):
         self._ema_weights_in_model = resumed
 
 
-class AtomicCheckpoint(keras.callbacks.Callback):
-    """ModelCheckpoint(save_weights_only=True) for `.weights.h5`, replacing the file atomically.
+class BestCheckpoint(keras.callbacks.Callback):
+    """ModelCheckpoint(save_weights_only=True, save_best_only=True) for `.weights.h5`,
+    replacing the file atomically: saves an epoch whose `monitor` (maximized) beats the
+    best so far, starting from `best` (a resumed run's best, as `initial_value_threshold`)."""
 
-    With `monitor` (maximized), saves only an epoch that beats the best so far,
-    starting from `best` (a resumed run's best epoch), as ModelCheckpoint's
-    `save_best_only` with `initial_value_threshold`; without, saves every epoch.
-    """
-
-    def __init__(self, path, monitor: str | None = None, best: float | None = None):
+    def __init__(self, path, monitor: str, best: float | None = None):
         super().__init__()
         self.path, self.monitor, self.best = path, monitor, best
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.monitor:
-            value = (logs or {}).get(self.monitor)
-            if value is None or (self.best is not None and not value > self.best):
-                return
-            self.best = value
-        atomic_save_weights(self.model, self.path)
+        value = (logs or {}).get(self.monitor)
+        if value is None or (self.best is not None and not value > self.best):
+            return
+        self.best = value
+        with outside_distribution():
+            atomic_save_weights(self.model, self.path)
 
 
 class RunBackup(keras.callbacks.Callback):
@@ -145,7 +142,8 @@ class RunBackup(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.write:
-            self.run.write_backup(self.model, epoch + 1)
+            with outside_distribution():
+                self.run.write_backup(self.model, epoch + 1)
 
 
 def tensorboard(logdir) -> list[keras.callbacks.Callback]:
@@ -162,10 +160,10 @@ def writer_callbacks(run: RunFolder, start_epoch: int, restore: bool = True) -> 
     best = best_val_accuracy(history)
     return [
         keras.callbacks.CSVLogger(str(run.history_path), append=True),
-        AtomicCheckpoint(run.best_weights, monitor="val_accuracy", best=best),
-        AtomicCheckpoint(run.last_weights),
+        BestCheckpoint(run.best_weights, monitor="val_accuracy", best=best),
         CurvesPlotter(run),
         *tensorboard(run.logs_dir),
-        # Last, so that an epoch is only marked done once everything above is written.
+        # Last, so that an epoch is only marked done once everything above is written; it
+        # writes last.weights.h5 too.
         RunBackup(run, restore=restore),
     ]

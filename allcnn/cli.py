@@ -300,7 +300,7 @@ def _resolve(weights, variant, preprocessing_json) -> WeightsSpec:
 def _load(spec: WeightsSpec, precision: str, device: str | None):
     """The classifier for resolved weights (this is where Keras and TensorFlow start)."""
     _import_keras_quietly()
-    from allcnn.inference import load_classifier
+    from allcnn.model import load_classifier
 
     return load_classifier(spec, precision=precision, device=device or "auto")
 
@@ -489,8 +489,8 @@ def export(weights, variant, preprocessing_json, device, format_, out, overwrite
     with user_errors():
         spec = _resolve(weights, variant, preprocessing_json)
         check_target(format_, out, overwrite)
-        spec = run_export(_load(spec, "float32", device), format=format_, out=out, overwrite=overwrite)
-    check = spec["check"]
-    click.echo(f"exported {spec['source_weights']['path']} as {format_}: {out} (description: {spec_path(out)})")
+        exported = run_export(_load(spec, "float32", device), format=format_, out=out, overwrite=overwrite)
+    check = exported["check"]
+    click.echo(f"exported {exported['source_weights']['path']} as {format_}: {out} (description: {spec_path(out)})")
     click.echo(f"checked with {check['runtime']} on {check['images']} images: probabilities within "
                f"{check['max_abs_difference']:.2g} of Keras' (tolerance {check['tolerance']:g})")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from allcnn.errors import AllcnnError
+from allcnn.resources import configs_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -261,6 +262,4 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path)
     if path.is_file() or path.suffix:
         return path
-    from allcnn.resources import configs_dir
-
     return configs_dir() / f"{name_or_path}.toml"

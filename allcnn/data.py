@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,9 @@ from typing import IO, Callable
 
 import numpy as np
 
-from allcnn.config import DATASETS, ConfigError
+from allcnn.config import DATASETS, ConfigError, TrainConfig
 from allcnn.errors import AllcnnError
+from allcnn.images import load_or_error
 
 CLASS_NAMES = (
     "airplane",
@@ -283,8 +285,6 @@ def load_image_folder(root: str | os.PathLike, size: int = 32,
         DatasetError: no such folder, fewer than two classes, a class without a
             usable image, or classes other than `class_names`.
     """
-    from allcnn.images import load_or_error
-
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder (an image-folder dataset holds one sub-folder per class)")
@@ -376,6 +376,19 @@ def load_dataset(name: str = "auto", data_dir: str | os.PathLike | None = None, 
         x_test, y_test, _, test_skipped = load_image_folder(test_dir, image_size, names)
         test, skipped = (x_test, y_test), skipped + test_skipped
     return Dataset(name, (x, y), test, names, tuple(skipped))
+
+
+def load_splits(config: TrainConfig, data_dir, test_dir=None) -> tuple[Dataset, tuple, tuple]:
+    """`config`'s dataset, and its training images split into train and validation (uint8
+    images, int labels) as `hold_out` does; says how many it holds out, and warns of skipped files."""
+    dataset = load_dataset(config.dataset, data_dir, test_dir=test_dir, image_size=config.image_size)
+    for line in dataset.skipped:
+        print(f"warning: {line}", file=sys.stderr)
+    train, val = hold_out(*dataset.train, dataset.name, config.val_size, config.val_split, config.seed)
+    folder_default = dataset.name == "folder" and not (config.val_size or config.val_split)
+    print(f"validation: {len(val[0])} of {len(dataset.train[0])} training images held out" +
+          (f" ({FOLDER_VAL_FRACTION:.0%} of the image folder, at least one a class)" if folder_default else ""))
+    return dataset, train, val
 
 
 def hold_out(x: np.ndarray, y: np.ndarray, dataset: str, val_size: int = 0, val_split: float = 0.0,

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 import keras
 
+from allcnn.config import TrainConfig
 from allcnn.errors import AllcnnError
+from allcnn.hardware import keras_setting
 
 
 class DistributeError(AllcnnError, RuntimeError):
@@ -50,6 +52,12 @@ class Replicas:
     def scope(self):
         """Where the model must be built and compiled (the strategy's scope on TensorFlow)."""
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def layout(self, config: TrainConfig) -> dict:
+        """Global batch and lr of `config` over these replicas: its batch_size is per replica."""
+        scale = self.count if config.lr_scaling == "linear" else 1
+        return {"mode": self.mode, "replicas": self.count, "processes": self.processes, "devices": self.devices,
+                "global_batch_size": config.batch_size * self.count, "lr": config.lr * scale}
 
     def describe(self) -> str:
         text = f"{self.mode}: {self.count} replica{'s' if self.count > 1 else ''} on {', '.join(self.devices)}"
@@ -138,8 +146,7 @@ def is_worker_loss(error: BaseException) -> bool:
                                          "NCCL", "DEADLINE_EXCEEDED", "UNAVAILABLE"))
 
 
-@contextlib.contextmanager
-def outside_distribution():
+def outside_distribution() -> contextlib.AbstractContextManager:
     """Runs a block that process 0 does alone (a save, the final test) with no distribution set.
 
     Each `save_weights` makes a reference Optimizer, with variables, to learn
@@ -149,9 +156,4 @@ def outside_distribution():
     the others; outside the distribution the variable is local. The saved
     values themselves are replicated, so process 0 holds them all.
     """
-    current = keras.distribution.distribution()
-    keras.distribution.set_distribution(None)
-    try:
-        yield
-    finally:
-        keras.distribution.set_distribution(current)
+    return keras_setting(keras.distribution.distribution, keras.distribution.set_distribution, None)

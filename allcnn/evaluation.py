@@ -8,8 +8,10 @@ import time
 
 import numpy as np
 
+from allcnn import data
 from allcnn.config import ConfigError
 from allcnn.inference import DEFAULT_BATCH_SIZE, Classifier, Progress
+from allcnn.plots import plot_labelled_images
 
 SPLITS = ("test", "val")
 
@@ -47,7 +49,7 @@ def evaluate(
     samples: int = 16,
     progress: bool = False,
 ) -> dict:
-    """Evaluates a classifier (see `allcnn.inference.load_classifier`) on the test split
+    """Evaluates a classifier (see `allcnn.model.load_classifier`) on the test split
     or its run's held-out validation split.
 
     `dataset` and `data_dir` as for `allcnn.data.load_dataset`: for an image
@@ -61,8 +63,6 @@ def evaluate(
     images evaluated, with their predicted and true classes (see `plot_samples`).
     `progress` shows a progress bar on stderr when that is a terminal.
     """
-    from allcnn import data
-
     if split not in SPLITS:
         raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     x_train, y_train, x, y = _split_source(classifier, dataset, data_dir)
@@ -93,8 +93,6 @@ def _split_source(classifier, dataset: str, data_dir) -> tuple[np.ndarray, np.nd
     An image folder has no training part apart from itself: its images are both
     (`val` holds out some of them as training did; `test` takes them all).
     """
-    from allcnn import data
-
     if dataset == "auto":  # what the weights were trained on, where their run folder says
         dataset = classifier.spec.dataset
     loaded = data.load_dataset(dataset, data_dir, image_size=classifier.image_size)
@@ -113,8 +111,6 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarr
                  class_names: tuple[str, ...], title: str = "") -> None:
     """A grid of images captioned with the predicted class, its probability and the true
     class; the misclassified ones in red, and their count in the title."""
-    from allcnn.plots import plot_labelled_images
-
     predicted = probabilities.argmax(axis=1)
     captions = [f"{class_names[p]} {probabilities[i, p]:.0%}\ntrue: {class_names[t]}"
                 for i, (p, t) in enumerate(zip(predicted, labels))]

@@ -43,6 +43,7 @@ from allcnn.config import EXPLAIN_METHODS as METHODS, ConfigError
 from allcnn.errors import AllcnnError
 from allcnn.images import ImageError, expand_inputs, load_batches
 from allcnn.inference import Classifier, Progress, check_float32
+from allcnn.plots import GRID_LIMIT, Panel, plot_panels
 
 TOP = "top"
 # A guided or deconvnet map is drawn with this percentile of |gradient| at full scale, so that a few
@@ -286,8 +287,6 @@ _SCALES = {"gradcam": "relevance (÷ its max)", "saliency": "|gradient| (÷ its 
 def panels(explanation: Explanation) -> list:
     """The input (captioned with the predicted class) and its map (with the class explained);
     Grad-CAM's coarse map is drawn over the input, the others beside it."""
-    from allcnn.plots import Panel
-
     e = explanation
     shown = e.image if e.method == "gradcam" else to_display(e.map)
     return [Panel(e.image, f"{Path(e.path).name}\n{e.predicted} {e.probability:.0%}"),
@@ -299,8 +298,6 @@ def save_explanations(explanations: list[Explanation], out: str | os.PathLike) -
     """Writes `<image name>.<method>.png` per explanation into `out` and, for several,
     `grid.<method>.png` with them all (the first `GRID_LIMIT`); returns the paths written.
     Two inputs with the same name get `-2`, `-3`... so none overwrites another."""
-    from allcnn.plots import GRID_LIMIT, plot_panels
-
     out = Path(out)
     written = [out / f"{name}.{e.method}.png" for e, name in zip(explanations, _unique_stems(explanations))]
     for e, path in zip(explanations, written):

@@ -32,7 +32,11 @@ import numpy as np
 
 from allcnn.config import ConfigError
 from allcnn.errors import AllcnnError
-from allcnn.inference import Classifier, check_float32, dtype_policy
+from allcnn.files import atomic_write, atomic_write_directory, atomic_write_text
+from allcnn.hardware import dtype_policy
+from allcnn.inference import Classifier, check_float32
+from allcnn.manifest import sha256
+from allcnn.preprocessing import global_contrast_normalize
 
 # float32 through different kernels (oneDNN in Keras, the runtimes' own): the probabilities
 # measured here agreed to ~1e-6; a real mismatch (wrong preprocessing, dropout left on) is > 1e-2.
@@ -117,8 +121,6 @@ def _zca_layer(mean: np.ndarray, whiten: np.ndarray):
     non-trainable weights (the converters fold them into constants)."""
     import keras
     from keras import ops
-
-    from allcnn.preprocessing import global_contrast_normalize
 
     class ZcaWhitening(keras.layers.Layer):
         def build(self, input_shape):
@@ -244,9 +246,6 @@ def export(classifier: Classifier, *, format: str, out: str | os.PathLike, overw
         ConfigError: see `check_target`; a classifier that is not float32.
         ExportError: a missing package, or an export that does not match Keras.
     """
-    from allcnn.files import atomic_write, atomic_write_directory, atomic_write_text
-    from allcnn.manifest import sha256
-
     check_target(format, out, overwrite)
     check_float32(classifier, "export")
     kind, out = FORMATS[format], Path(out)

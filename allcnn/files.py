@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -48,12 +51,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         Path(tmp).write_text(text)
 
 
-def atomic_save_weights(model, path: str | os.PathLike) -> None:
-    """`model.save_weights` through a temp file, so a kill never truncates `path`."""
-    from allcnn.distribute import outside_distribution
+def atomic_write_csv(path: str | os.PathLike, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    """Writes `rows` as CSV with a header: `fieldnames`, or every key of any row in order of
+    appearance (rows that lack one leave it blank)."""
+    fieldnames = fieldnames or list(dict.fromkeys(key for row in rows for key in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fieldnames, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
-    with atomic_write(path, suffix=".weights.h5") as tmp, outside_distribution():
+
+def atomic_save_weights(model, path: str | os.PathLike) -> None:
+    """`model.save_weights` through a temp file, so a kill never truncates `path`. Under a
+    distribution, call it inside `allcnn.distribute.outside_distribution()`."""
+    with atomic_write(path, suffix=".weights.h5") as tmp:
         model.save_weights(tmp, overwrite=True)
+
+
+def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Makes `path` a hard link to `source` (a copy where the file system has no hard links),
+    replacing `path` atomically: the same bytes under a second name, written once."""
+    with atomic_write(path, suffix=Path(path).suffix) as tmp:
+        os.remove(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 @contextlib.contextmanager
@@ -64,8 +88,6 @@ def atomic_write_directory(path: str | os.PathLike) -> Iterator[str]:
     renamed aside and removed only once the new one is in place: a crash leaves
     the old folder or the new one (or the old one under its temp name), never a mix.
     """
-    import shutil
-
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

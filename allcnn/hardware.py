@@ -7,10 +7,12 @@ slower on a Zen 3 CPU with AVX2 only, where bf16 is emulated.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 from allcnn.errors import AllcnnError
 
@@ -153,3 +155,22 @@ def describe(gpu: Accelerator | None) -> str:
     if gpu is not None:
         return f"GPU {gpu.name}"
     return f"CPU {cpu_name()}, {os.cpu_count()} cores"
+
+
+@contextlib.contextmanager
+def keras_setting(get: Callable[[], object], set: Callable[[object], None], value) -> Iterator[None]:
+    """`set(value)` for a block, then what `get()` gave back: Keras keeps the dtype policy and
+    the distribution as process globals, which a notebook (or the next run) must keep."""
+    previous = get()
+    set(value)
+    try:
+        yield
+    finally:
+        set(previous)
+
+
+def dtype_policy(policy: str) -> contextlib.AbstractContextManager:
+    """Builds under `policy` (layers take it when built), then restores the global one."""
+    import keras
+
+    return keras_setting(keras.config.dtype_policy, keras.config.set_dtype_policy, policy)

@@ -15,14 +15,14 @@ manifest records (they were measured in float32).
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
-from allcnn.config import PRECISIONS, TTA_MODES, ConfigError
-from allcnn.manifest import WeightsSpec, resolve_weights
+from allcnn.config import TTA_MODES, ConfigError
+from allcnn.data import CLASS_NAMES
+from allcnn.manifest import WeightsSpec
 from allcnn.preprocessing import Preprocessing
 
 DEFAULT_PRECISION = "auto"
@@ -49,19 +49,6 @@ class Progress:
             self._done += images
             with contextlib.redirect_stdout(sys.stderr):
                 self._bar.update(self._done)
-
-
-@contextlib.contextmanager
-def dtype_policy(policy: str) -> Iterator[None]:
-    """Builds under `policy`, then restores the global one (notebooks keep theirs)."""
-    import keras
-
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(policy)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
 
 
 def compile_forward(model) -> Callable[[np.ndarray], np.ndarray]:
@@ -102,8 +89,6 @@ class Classifier:
     @property
     def class_names(self) -> tuple[str, ...]:
         """The names of the model's outputs, in order (CIFAR-10's for weights that record none)."""
-        from allcnn.data import CLASS_NAMES
-
         return self.spec.class_names if self.spec else CLASS_NAMES
 
     @property
@@ -136,41 +121,3 @@ def check_float32(classifier: Classifier, purpose: str) -> None:
     if classifier.precision != "float32":
         raise ConfigError(f"{purpose} needs a float32 classifier, got {classifier.precision}: "
                           "load_classifier(..., precision='float32')")
-
-
-def load_classifier(
-    weights: str | os.PathLike | WeightsSpec | None = None,
-    *,
-    variant: str | None = None,
-    preprocessing_json: str | os.PathLike | None = None,
-    precision: str = DEFAULT_PRECISION,
-    device: str = "auto",
-    weights_dir: str | os.PathLike | None = None,
-) -> Classifier:
-    """Resolves the weights (see `resolve_weights`; a `WeightsSpec` is taken as resolved),
-    builds the model and loads them.
-
-    Weights of a network trained with batch norm come back folded (`fold_batch_norm`):
-    the same probabilities (to float32 rounding) from the plain All-CNN-C.
-
-    Raises:
-        WeightsError, DeviceError, ConfigError: with a one-line message.
-    """
-    from allcnn import hardware
-    from allcnn.model import build_model, fold_batch_norm
-    from allcnn.weights_io import load_weights
-
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    spec = weights if isinstance(weights, WeightsSpec) else resolve_weights(
-        weights, variant=variant, preprocessing_json=preprocessing_json, weights_dir=weights_dir)
-    gpu = hardware.select_device(device)
-    policy = hardware.choose_precision(gpu)[0] if precision == "auto" else precision
-    with dtype_policy(policy):
-        model = build_model(spec.variant, **spec.architecture)
-        load_weights(model, spec.path)
-        if spec.architecture.get("batch_norm"):
-            # Batch norm was a training aid: folded, the network is the plain All-CNN-C, so
-            # evaluate, predict, explain (ReLU right after each conv) and export see one graph.
-            model = fold_batch_norm(model)
-    return Classifier(model, spec.preprocessing, spec=spec, precision=policy, device=hardware.describe(gpu))

@@ -15,7 +15,7 @@ import numpy as np
 from allcnn import data
 from allcnn.config import SHIPPED, TrainConfig
 from allcnn.manifest import resolve_weights
-from allcnn.model import build_model, unfold_batch_norm
+from allcnn.model import base_layers, build_model, unfold_batch_norm
 from allcnn.preprocessing import Preprocessing
 from allcnn.run_folder import RunError, RunFolder
 from allcnn.weights_io import WeightsError, load_weights
@@ -73,7 +73,8 @@ def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) 
     # which the data, loaded later, tells).
     try:
         batch_norm = config.batch_norm if source.batch_norm is None else source.batch_norm
-        load_weights(build_model(config.variant, batch_norm=batch_norm), source.path, base_only=True)
+        model = build_model(config.variant, batch_norm=batch_norm)
+        load_weights(model, source.path, only=base_layers(model))
     except WeightsError as e:
         raise RunError(f"initial_weights: {e}") from None
 
@@ -93,7 +94,7 @@ def load_initial_weights(model: keras.Model, source: StartingWeights, class_name
                                                 for layer in model.layers)
     target = build_model(source.variant, classes=len(class_names), input_shape=model.input_shape[1:]) if unfold else model
     try:
-        load_weights(target, source.path, base_only=not whole)
+        load_weights(target, source.path, only=None if whole else base_layers(target))
     except WeightsError as e:
         raise RunError(f"initial_weights: {e}") from None
     if unfold:

@@ -40,8 +40,10 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from allcnn import resources
 from allcnn.config import VARIANTS, variant_of
 from allcnn.data import CLASS_NAMES
+from allcnn.files import atomic_write_text
 from allcnn.preprocessing import Preprocessing
 from allcnn.run_folder import RunFolder
 from allcnn.weights_io import KERAS_MODEL, LEGACY_H5, WeightsError, weights_format
@@ -82,9 +84,7 @@ def sha256(path: str | os.PathLike) -> str:
 
 def default_weights_dir() -> Path:
     """`$ALLCNN_WEIGHTS_DIR`, else the shipped `weights/` folder."""
-    from allcnn.resources import weights_dir
-
-    return Path(os.environ[WEIGHTS_DIR_ENV]) if os.environ.get(WEIGHTS_DIR_ENV) else weights_dir()
+    return Path(os.environ[WEIGHTS_DIR_ENV]) if os.environ.get(WEIGHTS_DIR_ENV) else resources.weights_dir()
 
 
 def read_manifest(directory: str | os.PathLike | None = None) -> dict:
@@ -224,8 +224,6 @@ def write_manifest_entry(
     (recipe, epochs, hardware) are recorded as given. `batch_norm` says whether the file's
     network has batch norm, where it differs from the run's (weights shipped folded).
     """
-    from allcnn.files import atomic_write_text
-
     weights_file, run = Path(weights_file), RunFolder(run_dir)
     config = run.read_config()
     prep = Preprocessing.load(run.preprocessing_path)

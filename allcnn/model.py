@@ -1,19 +1,24 @@
 """The networks of Springenberg et al. (ICLR 2015), All-CNN-C first, as Keras 3 models.
 
 Only Keras APIs are used, so the same model runs under the TensorFlow, JAX and
-PyTorch backends.
+PyTorch backends. `load_classifier` builds it with trained weights, ready for inference.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import keras
 import numpy as np
 from keras import layers, ops
 
-from allcnn.config import VARIANTS, ConfigError, canonical_variant, model_name, variant_of
+from allcnn import hardware
+from allcnn.config import PRECISIONS, VARIANTS, ConfigError, canonical_variant, model_name, variant_of
+from allcnn.inference import DEFAULT_PRECISION, Classifier
+from allcnn.manifest import WeightsSpec, resolve_weights
+from allcnn.weights_io import load_weights
 
 
 @dataclass(frozen=True)
@@ -273,3 +278,37 @@ def unfold_batch_norm(plain: keras.Sequential, into: keras.Sequential, images: n
         into.get_layer(conv.name).set_weights(conv.get_weights())
         norm = into.get_layer(conv.name.replace("conv", "bn"))
         norm.set_weights([np.sqrt(variance + norm.epsilon), mean, mean, variance])
+
+
+def load_classifier(
+    weights: str | os.PathLike | WeightsSpec | None = None,
+    *,
+    variant: str | None = None,
+    preprocessing_json: str | os.PathLike | None = None,
+    precision: str = DEFAULT_PRECISION,
+    device: str = "auto",
+    weights_dir: str | os.PathLike | None = None,
+) -> Classifier:
+    """Resolves the weights (see `resolve_weights`; a `WeightsSpec` is taken as resolved),
+    builds the model and loads them.
+
+    Weights of a network trained with batch norm come back folded (`fold_batch_norm`):
+    the same probabilities (to float32 rounding) from the plain All-CNN-C.
+
+    Raises:
+        WeightsError, DeviceError, ConfigError: with a one-line message.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    spec = weights if isinstance(weights, WeightsSpec) else resolve_weights(
+        weights, variant=variant, preprocessing_json=preprocessing_json, weights_dir=weights_dir)
+    gpu = hardware.select_device(device)
+    policy = hardware.choose_precision(gpu)[0] if precision == "auto" else precision
+    with hardware.dtype_policy(policy):
+        model = build_model(spec.variant, **spec.architecture)
+        load_weights(model, spec.path)
+        if spec.architecture.get("batch_norm"):
+            # Batch norm was a training aid: folded, the network is the plain All-CNN-C, so
+            # evaluate, predict, explain (ReLU right after each conv) and export see one graph.
+            model = fold_batch_norm(model)
+    return Classifier(model, spec.preprocessing, spec=spec, precision=policy, device=hardware.describe(gpu))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from allcnn.files import atomic_write
+
 # A grid shows at most this many images: beyond it the cells get too small to read.
 GRID_LIMIT = 64
 
@@ -21,8 +23,6 @@ def _figure(**kwargs):
 
 
 def _save(fig, path: str | Path) -> None:
-    from allcnn.files import atomic_write
-
     with atomic_write(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100)
 

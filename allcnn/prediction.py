@@ -11,6 +11,7 @@ import numpy as np
 from allcnn.config import ConfigError
 from allcnn.images import ImageError, expand_inputs, load_batches, load_image
 from allcnn.inference import DEFAULT_BATCH_SIZE, Classifier, Progress
+from allcnn.plots import GRID_LIMIT, plot_labelled_images
 
 
 def check_top_k(top_k: int, class_names: tuple[str, ...]) -> None:
@@ -31,7 +32,7 @@ def predict(
 ) -> Iterator[dict]:
     """Yields, in input order, `{"path", "top": [{"class", "probability"}]}` or `{"path", "error"}`.
 
-    `classifier` from `allcnn.inference.load_classifier`. Images are decoded and classified
+    `classifier` from `allcnn.model.load_classifier`. Images are decoded and classified
     `batch_size` at a time, so a folder of any size streams with bounded memory.
     `tta="flip"` averages each image with its mirror. `progress` shows a progress bar on
     stderr, when that is a terminal, for 100 images or more.
@@ -57,8 +58,6 @@ def predict(
 def plot_predictions(results: list[dict], path: str | os.PathLike) -> None:
     """A grid of classified images (`predict`'s results without errors), each captioned with
     its file name, top class and probability; the first `GRID_LIMIT` are drawn."""
-    from allcnn.plots import GRID_LIMIT, plot_labelled_images
-
     shown = results[:GRID_LIMIT]
     captions = [f"{Path(r['path']).name}\n{r['top'][0]['class']} {r['top'][0]['probability']:.0%}" for r in shown]
     plot_labelled_images([load_image(r["path"]) for r in shown], captions, path, total=len(results))

@@ -16,6 +16,7 @@ import numpy as np
 
 from allcnn.config import PREPROCESSINGS, ConfigError
 from allcnn.errors import FileAccessError
+from allcnn.files import atomic_write, atomic_write_text
 
 # Global contrast normalization scale and ZCA regularizer, as in Goodfellow et
 # al.'s maxout preprocessing that the paper reuses.
@@ -52,8 +53,6 @@ class Preprocessing:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes JSON (and for ZCA a `.zca.npy` beside it) atomically."""
-        from allcnn.files import atomic_write, atomic_write_text
-
         d = self.to_dict()
         if self.whiten is not None:
             matrix = Path(path).with_suffix(".zca.npy")

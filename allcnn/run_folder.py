@@ -17,9 +17,9 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from allcnn.config import TrainConfig, load_config
+from allcnn.config import EXECUTION_KEYS, ConfigError, TrainConfig, load_config
 from allcnn.errors import AllcnnError, FileAccessError
-from allcnn.files import atomic_save_weights, atomic_write_text
+from allcnn.files import atomic_link, atomic_save_weights, atomic_write_csv, atomic_write_text
 from allcnn.preprocessing import Preprocessing
 
 # Keras' BackupAndRestore names; a backup made by an earlier version has them too.
@@ -65,7 +65,8 @@ class RunFolder:
     config_path = property(lambda self: self.path / "config.toml", doc="The fully resolved recipe.")
     history_path = property(lambda self: self.path / "history.csv", doc="One row per completed epoch.")
     best_weights = property(lambda self: self.path / "best.weights.h5", doc="Best by val_accuracy.")
-    last_weights = property(lambda self: self.path / "last.weights.h5", doc="The latest epoch's.")
+    last_weights = property(lambda self: self.path / "last.weights.h5",
+                            doc="The latest epoch's, with optimizer state: the backup's file under a second name.")
     preprocessing_path = property(lambda self: self.path / "preprocessing.json", doc="What evaluate replays.")
     curves_path = property(lambda self: self.path / "curves.png", doc="Loss, accuracy and lr per epoch.")
     classes_path = property(lambda self: self.path / "classes.json", doc="The class names, in label order.")
@@ -141,6 +142,21 @@ class RunFolder:
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.summary_path, json.dumps(summary, indent=2))
 
+    def check_flags(self, config: TrainConfig, recipe: str | None, flags: dict) -> None:
+        """Refuses, by name, the flags (and recipe) given to resume this run that differ from its
+        `config` (None: not given); those of `EXECUTION_KEYS` may differ: a run may move."""
+        given = {key: value for key, value in flags.items() if value is not None}
+        if not (given or recipe):
+            return
+        wanted = load_config(recipe or self.config_path, **given)
+        # `auto` is whatever dataset the run resolved it to.
+        differ = [key for key, value in vars(wanted).items() if key not in EXECUTION_KEYS
+                  and value != getattr(config, key) and not (key == "dataset" and value == "auto")]
+        if differ:
+            named = ", ".join(f"--{key.replace('_', '-')} {getattr(wanted, key)!r} (run: {getattr(config, key)!r})"
+                              for key in differ)
+            raise ConfigError(f"--resume continues {self.config_path} as it is; these differ from it: {named}")
+
     # --- sessions.csv ---------------------------------------------------------------
 
     def record_session(self, first_epoch: int, device: str, precision: str, backend: str) -> None:
@@ -150,11 +166,7 @@ class RunFolder:
         rows = self.read_sessions()
         rows.append({"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "first_epoch": first_epoch, "device": device, "precision": precision, "backend": backend})
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=SESSION_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.sessions_path, text.getvalue())
+        atomic_write_csv(self.sessions_path, rows, SESSION_FIELDS)
 
     def read_sessions(self) -> list[dict]:
         """sessions.csv's rows, oldest first (none for a run made before sessions were recorded)."""
@@ -231,7 +243,8 @@ class RunFolder:
         return self.backup_dir / (named or _KERAS_BACKUP_WEIGHTS)
 
     def write_backup(self, model, epochs: int) -> None:
-        """Backs up `model` (weights and optimizer state) after `epochs` completed epochs.
+        """Backs up `model` (weights and optimizer state) after `epochs` completed epochs,
+        and makes `last_weights` the same file (a hard link: one write an epoch, not two).
 
         Each epoch's weights land by rename under their own name, then the marker,
         naming them, lands the same way; the previous epoch's file goes only after
@@ -241,6 +254,7 @@ class RunFolder:
         name = f"epoch-{epochs}.weights.h5"
         atomic_save_weights(model, self.backup_dir / name)
         atomic_write_text(self.backup_marker, json.dumps({"epoch": epochs, "batch": 0, "weights": name}))
+        atomic_link(self.backup_dir / name, self.last_weights)
         for old in [*self.backup_dir.glob("epoch-*.weights.h5"), self.backup_dir / _KERAS_BACKUP_WEIGHTS]:
             if old.name != name and old.exists():
                 old.unlink()

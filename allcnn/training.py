@@ -20,11 +20,12 @@ import keras
 
 from allcnn import data, distribute, hardware
 from allcnn.callbacks import EpochStats, NanStop, RunBackup, SwapEMAWeights, writer_callbacks
-from allcnn.config import EXECUTION_KEYS, ConfigError, TrainConfig, load_config
+from allcnn.config import EXECUTION_KEYS, ConfigError, TrainConfig
 from allcnn.distribute import Replicas, WorkerLost, is_worker_loss
 from allcnn.evaluation import metrics
-from allcnn.inference import dtype_policy, load_classifier
+from allcnn.hardware import dtype_policy
 from allcnn.initial_weights import check_initial_weights, load_initial_weights, starting_weights
+from allcnn.model import load_classifier
 from allcnn.optim import compile_model
 from allcnn.pipeline import CifarBatches, EpochSeeder
 from allcnn.preprocessing import fit_preprocessing
@@ -77,7 +78,7 @@ def resume(out, *, data_dir=None, test_dir=None, test: bool = False, recipe: str
     if not run.has_run():
         raise RunError(f"--resume: no run in {run} (no config.toml); start one without --resume")
     config = run.read_config(**{key: flags.pop(key, None) for key in EXECUTION_KEYS})
-    check_resume_flags(run, config, recipe, flags)
+    run.check_flags(config, recipe, flags)
 
     def prepare(layout: dict, names: tuple[str, ...]) -> None:
         run.check_replicas(layout)
@@ -86,41 +87,6 @@ def resume(out, *, data_dir=None, test_dir=None, test: bool = False, recipe: str
             raise RunError(f"{run} trains on the classes {', '.join(trained)}; this data has {', '.join(names)}")
 
     return _fit(run, config, data_dir, test_dir, test, prepare=prepare)
-
-
-def check_resume_flags(run: RunFolder, config: TrainConfig, recipe: str | None, flags: dict) -> None:
-    """Refuses, by name, the flags (and recipe) that differ from the run's `config`; None means not given."""
-    given = {key: value for key, value in flags.items() if value is not None}
-    if not (given or recipe):
-        return
-    wanted = load_config(recipe or run.config_path, **given)
-    # How it executes may differ (a run may move), and `auto` is whatever dataset the run resolved it to.
-    differ = [key for key, value in vars(wanted).items() if key not in EXECUTION_KEYS
-              and value != getattr(config, key) and not (key == "dataset" and value == "auto")]
-    if differ:
-        named = ", ".join(f"--{key.replace('_', '-')} {getattr(wanted, key)!r} (run: {getattr(config, key)!r})"
-                          for key in differ)
-        raise ConfigError(f"--resume continues {run.config_path} as it is; these differ from it: {named}")
-
-
-def run_layout(config: TrainConfig, replicas: Replicas) -> dict:
-    """Global batch and lr for these replicas: batch_size is per replica."""
-    scale = replicas.count if config.lr_scaling == "linear" else 1
-    return {"mode": replicas.mode, "replicas": replicas.count, "processes": replicas.processes,
-            "devices": replicas.devices, "global_batch_size": config.batch_size * replicas.count,
-            "lr": config.lr * scale}
-
-
-def load_splits(config: TrainConfig, data_dir, test_dir=None) -> tuple[data.Dataset, tuple, tuple]:
-    """The dataset, and its training images split into train and validation (uint8 images, int labels)."""
-    dataset = data.load_dataset(config.dataset, data_dir, test_dir=test_dir, image_size=config.image_size)
-    for line in dataset.skipped:
-        print(f"warning: {line}", file=sys.stderr)
-    train, val = data.hold_out(*dataset.train, dataset.name, config.val_size, config.val_split, config.seed)
-    folder_default = dataset.name == "folder" and not (config.val_size or config.val_split)
-    print(f"validation: {len(val[0])} of {len(dataset.train[0])} training images held out" +
-          (f" ({data.FOLDER_VAL_FRACTION:.0%} of the image folder, at least one a class)" if folder_default else ""))
-    return dataset, train, val
 
 
 def _configure(config: TrainConfig):
@@ -187,10 +153,10 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
     print(plan(config))
     gpu, policy = _configure(config)
     replicas = distribute.setup(config.distribute, gpu is not None)
-    layout = run_layout(config, replicas)
+    layout = replicas.layout(config)
     print(f"distribute: {replicas.describe()}; global batch {layout['global_batch_size']}, lr {layout['lr']:g}")
     # The data first: a wrong --data-dir must not leave a run folder behind.
-    dataset, train_split, val_split = load_splits(config, data_dir, test_dir)
+    dataset, train_split, val_split = data.load_splits(config, data_dir, test_dir)
     if test and dataset.test is None:
         raise ConfigError("--test: this image folder has no test split; pass --test-dir DIR (same class folders)")
     names = dataset.class_names
@@ -204,7 +170,7 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
     for phase in phases(config):
         if phase.end <= start_epoch:
             continue
-        previous, lr = model, run_layout(phase.config, replicas)["lr"]
+        previous, lr = model, replicas.layout(phase.config)["lr"]
         # Layers take the policy when built; set around the build only, so that the
         # process (a notebook, the next run) keeps its own global policy.
         with replicas.scope(), dtype_policy(policy):

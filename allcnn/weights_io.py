@@ -130,16 +130,14 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
 
 
-def _assign(model, saved: list[tuple[str, list[np.ndarray]]], path: Path, base_only: bool) -> None:
-    """Copies weights layer by layer, checking counts and shapes first; `base_only`: all but the classifier's."""
+def _assign(model, saved: list[tuple[str, list[np.ndarray]]], path: Path, only: list | None) -> None:
+    """Copies weights layer by layer, checking counts and shapes first; `only`: see `load_weights`."""
     layers = [layer for layer in model.layers if layer.weights]
     if len(saved) != len(layers):
         raise WeightsError(f"{path}: holds {len(saved)} layers with weights, model {model.name} has {len(layers)} "
                            "(another architecture?)")
-    if base_only:
-        from allcnn.model import base_layers
-
-        kept = sum(1 for layer in base_layers(model) if layer.weights)
+    if only is not None:
+        kept = sum(1 for layer in only if layer.weights)
         layers, saved = layers[:kept], saved[:kept]
     for layer, (saved_name, arrays) in zip(layers, saved):
         expected = [tuple(w.shape) for w in layer.weights]
@@ -152,12 +150,13 @@ def _assign(model, saved: list[tuple[str, list[np.ndarray]]], path: Path, base_o
         layer.set_weights(arrays)
 
 
-def load_weights(model, path: str | os.PathLike, *, base_only: bool = False) -> None:
+def load_weights(model, path: str | os.PathLike, *, only: list | None = None) -> None:
     """Loads a Keras 3, `.keras` or Keras 2 HDF5 weights file into `model`.
 
-    `base_only` loads every layer but the classifier (`allcnn.model.classifier_layer`), which
-    keeps its initial weights: how weights trained on other classes start a
-    network with a new classifier (transfer learning).
+    `only` (the model's first layers, e.g. `allcnn.model.base_layers(model)`) loads
+    those from the file's first layers and leaves the rest, the classifier, as they
+    are: how weights trained on other classes start a network with a new classifier
+    (transfer learning).
 
     Raises:
         WeightsError: unreadable file, or weights that do not fit `model`,
@@ -172,4 +171,4 @@ def load_weights(model, path: str | os.PathLike, *, base_only: bool = False) -> 
     else:
         with _open_hdf5(path) as f:
             saved = _read_keras3(f, model, path) if kind == KERAS3 else _read_legacy(f)
-    _assign(model, saved, path, base_only)
+    _assign(model, saved, path, only)

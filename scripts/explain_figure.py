@@ -22,7 +22,7 @@ from allcnn.config import SHIPPED
 from allcnn.data import load_cifar10
 from allcnn.errors import AllcnnError
 from allcnn.explain import backpropagate, deconvnet, guided_gradient, to_display
-from allcnn.inference import load_classifier
+from allcnn.model import load_classifier
 from allcnn.plots import Panel, plot_panels
 
 METHODS = {"gradient (saliency)": backpropagate, "deconvnet": deconvnet, "guided backpropagation": guided_gradient}

@@ -19,7 +19,6 @@ All-CNN-C, checked to give the batch-norm network's probabilities on 1,000 test 
 
 import argparse
 import csv
-import io
 import json
 import sys
 from dataclasses import dataclass, field, replace
@@ -31,9 +30,9 @@ from allcnn import hardware
 from allcnn.config import EXECUTION_KEYS, SHIPPED, TrainConfig, load_config
 from allcnn.data import CIFAR_VAL_SIZE, CLASS_NAMES, DataError, load_cifar10
 from allcnn.evaluation import metrics
-from allcnn.files import atomic_write, atomic_write_text
-from allcnn.inference import Classifier, dtype_policy, load_classifier
-from allcnn.model import build_model
+from allcnn.files import atomic_write, atomic_write_csv, atomic_write_text
+from allcnn.inference import Classifier
+from allcnn.model import build_model, load_classifier
 from allcnn.plots import plot_history
 from allcnn.resources import configs_dir
 from allcnn.run_folder import MACHINE_FIELDS, RunError, RunFolder, best_val_accuracy
@@ -175,16 +174,6 @@ def joined_history(histories: list[list[dict]]) -> list[dict]:
     return [row | {"epoch": str(epoch)} for epoch, row in enumerate(row for rows in histories for row in rows)]
 
 
-def write_history(rows: list[dict], path: Path) -> None:
-    text = io.StringIO()
-    # Stages shipped before may have logged other columns: every column of any stage, blank where absent.
-    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(key for row in rows for key in row)), restval="",
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, text.getvalue())
-
-
 def check_beats_shipped(val_top1: float, config: TrainConfig) -> None:
     """Refuses weights that score no higher on validation than the shipped ones,
     compared on the same held-out images (the same val_size and seed)."""
@@ -219,7 +208,7 @@ def check_fold(run: Path, folded: Classifier, images: np.ndarray) -> float:
     """The largest difference between the folded network's float32 probabilities on `images`
     and those of the batch-norm network it was folded from; exits above `FOLD_TOLERANCE`."""
     config = RunFolder(run).read_config()
-    with dtype_policy("float32"):
+    with hardware.dtype_policy("float32"):
         normed = build_model(config.variant, classes=folded.model.output_shape[-1],
                              input_shape=folded.model.input_shape[1:], batch_norm=True)
     load_weights(normed, RunFolder(run).best_weights)
@@ -289,7 +278,8 @@ def ship(last_stage: Path, data_dir: str) -> dict:
         atomic_write_text(path, text)
     for stale in set(WEIGHTS.glob(f"{NAME}.stage*.config.toml")) - set(stage_configs):
         stale.unlink()
-    write_history(history, WEIGHTS / f"{NAME}.history.csv")
+    # Stages shipped before may have logged other columns: every column of any stage, blank where absent.
+    atomic_write_csv(WEIGHTS / f"{NAME}.history.csv", history)
     plot_history(history, WEIGHTS / f"{NAME}.curves.png")
     return entry
 

@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from allcnn.data import CLASS_NAMES, FOLDER, META_FILE, TEST_FILE, TRAIN_FILES  # noqa: E402
+from tests.helpers_weights import make_run  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -36,6 +37,12 @@ def write_cifar_folder(root: Path, per_batch: int = 40, seed: int = 0) -> Path:
     with open(folder / META_FILE, "wb") as f:
         pickle.dump({b"label_names": [c.encode() for c in CLASS_NAMES], b"num_vis": 3072}, f, protocol=4)
     return folder
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A tiny run folder's best.weights.h5 (untrained All-CNN-C, config and preprocessing beside)."""
+    return make_run(tmp_path_factory.mktemp("w"))
 
 
 @pytest.fixture

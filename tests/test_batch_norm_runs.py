@@ -13,9 +13,9 @@ from PIL import Image
 from allcnn.cli import main
 from allcnn.config import load_config
 from allcnn.data import CLASS_NAMES
-from allcnn.inference import Classifier, load_classifier
+from allcnn.inference import Classifier
 from allcnn.initial_weights import StartingWeights, load_initial_weights
-from allcnn.model import build_model
+from allcnn.model import build_model, load_classifier
 from allcnn.optim import compile_model
 from allcnn.preprocessing import Preprocessing
 from allcnn.weights_io import load_weights

@@ -13,12 +13,6 @@ from click.testing import CliRunner
 from allcnn.cli import main
 from allcnn.data import CLASS_NAMES
 from conftest import SHARED_DATA
-from tests.helpers_weights import make_run
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("w"))
 
 
 def test_metrics_on_known_probabilities():
@@ -39,7 +33,7 @@ def test_no_top5_for_five_classes_or_fewer():
 
 
 def _classifier(weights, **kwargs):
-    from allcnn.inference import load_classifier
+    from allcnn.model import load_classifier
 
     return load_classifier(weights, **kwargs)
 

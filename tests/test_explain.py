@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from allcnn.cli import main
-from tests.helpers_weights import make_run
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -102,18 +101,13 @@ def test_guided_and_deconvnet_under_jax_match_the_hand_computation():
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("w"))
-
-
-@pytest.fixture(scope="module")
 def pixels():
     return np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
 
 
 def test_maps_of_the_four_methods(weights, pixels):
     from allcnn.explain import explain_arrays
-    from allcnn.inference import load_classifier
+    from allcnn.model import load_classifier
 
     classifier = load_classifier(weights, precision="float32")
     guided, classes, probabilities = explain_arrays(classifier, pixels, method="guided")

@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from allcnn.cli import main
-from tests.helpers_weights import make_run
 
 ONNX_EXAMPLE_DOC = Path(__file__).resolve().parents[1] / "docs" / "commands.md"
 
@@ -34,11 +33,6 @@ ROUND_TRIPS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("w"))
-
-
 def test_formats_match_the_cli_choices():
     from allcnn.config import EXPORT_FORMATS
     from allcnn.export import FORMATS
@@ -49,7 +43,7 @@ def test_formats_match_the_cli_choices():
 @pytest.mark.parametrize("format_, name", ROUND_TRIPS)
 def test_round_trip_matches_keras(weights, tmp_path, format_, name):
     from allcnn.export import FORMATS, TOLERANCE, check_images
-    from allcnn.inference import load_classifier
+    from allcnn.model import load_classifier
 
     out = tmp_path / name
     result = CliRunner().invoke(main, ["export", "--weights", str(weights), "--format", format_, "--out", str(out)])
@@ -135,7 +129,7 @@ def test_zca_preprocessing_in_the_graph_matches_numpy(weights, tmp_path, format_
     import shutil
 
     from allcnn.export import TOLERANCE, export
-    from allcnn.inference import load_classifier
+    from allcnn.model import load_classifier
     from allcnn.preprocessing import Preprocessing
 
     run = tmp_path / "zca_run"
@@ -152,7 +146,7 @@ def test_a_global_mixed_precision_policy_does_not_leak_into_the_export(weights, 
     import keras
 
     from allcnn.export import export
-    from allcnn.inference import load_classifier
+    from allcnn.model import load_classifier
 
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")

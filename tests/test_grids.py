@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from allcnn.cli import main
-from tests.helpers_weights import make_run
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("w"))
 
 
 def _is_png(path) -> bool:

@@ -10,12 +10,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from allcnn.cli import main
-from tests.helpers_weights import make_run
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("w"))
 
 
 @pytest.fixture

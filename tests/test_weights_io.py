@@ -115,7 +115,7 @@ LEGACY = textwrap.dedent("""
 
 
 def test_legacy_keras2_hdf5(tmp_path):
-    from allcnn.inference import load_classifier
+    from allcnn.model import load_classifier
     from allcnn.weights_io import LEGACY_H5, weights_format
 
     pytest.importorskip("tf_keras")
