@@ -26,16 +26,16 @@ def test_predict_plot_draws_the_classified_images(weights, tmp_path):
 
 
 def test_evaluate_plot_samples_marks_the_misclassified(weights, cifar_dir, tmp_path, monkeypatch):
-    from allcnn import plots
+    from allcnn import evaluation
 
     drawn = {}
-    original = plots.plot_labelled_images
+    original = evaluation.plot_labelled_images
 
     def spy(images, captions, path, **kwargs):
         drawn.update(images=images, captions=captions, **kwargs)
         original(images, captions, path, **kwargs)
 
-    monkeypatch.setattr(plots, "plot_labelled_images", spy)
+    monkeypatch.setattr(evaluation, "plot_labelled_images", spy)
     out = tmp_path / "samples.png"
     result = CliRunner().invoke(main, ["evaluate", "--weights", str(weights), "--data-dir", str(cifar_dir),
                                        "--plot-samples", "12", "--samples-out", str(out), "--precision", "float32"])

@@ -437,11 +437,11 @@ def test_out_that_is_a_file_is_one_line(cifar_dir, tmp_path):
 
 
 def test_curves_are_redrawn_at_most_every_min_seconds_and_at_the_end(tmp_path, monkeypatch):
-    from allcnn import plots
+    from allcnn import callbacks
     from allcnn.callbacks import CurvesPlotter
 
     drawn = []
-    monkeypatch.setattr(plots, "plot_history", lambda history, path: drawn.append(len(history)))
+    monkeypatch.setattr(callbacks, "plot_history", lambda history, path: drawn.append(len(history)))
     (tmp_path / "history.csv").write_text("epoch,loss\n" + "".join(f"{e},1.0\n" for e in range(5)))
     plotter = CurvesPlotter(RunFolder(tmp_path), min_seconds=3600)
     for epoch in range(5):
