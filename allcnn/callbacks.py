@@ -17,6 +17,7 @@ from keras import ops
 
 from allcnn.distribute import outside_distribution
 from allcnn.files import atomic_save_weights
+from allcnn.model import refresh_batch_norm
 from allcnn.plots import plot_history
 from allcnn.run_folder import RunFolder, best_val_accuracy
 
@@ -95,6 +96,26 @@ class SwapEMAWeights(keras.callbacks.SwapEMAWeights):
     def __init__(self, resumed: bool):
         super().__init__(swap_on_epoch=True)
         self._ema_weights_in_model = resumed
+
+
+class BatchNormRefresh(keras.callbacks.Callback):
+    """Gives the averaged weights of `SwapEMAWeights` their own batch norm statistics.
+
+    Keras' EMA averages the trainable weights, not the batch norms' moving mean and
+    variance, which follow the trained weights: validating the average with them measures
+    a mismatched network. Before each validation, once `SwapEMAWeights` (earlier in the
+    callback list) has swapped the average in, `refresh_batch_norm` recomputes them on
+    `images` (unaugmented training images); the checkpoints of the epoch's end keep them.
+    Training then normalizes by batch statistics and its moving averages move on
+    (momentum 0.99 forgets the refresh within a few hundred steps).
+    """
+
+    def __init__(self, images, batch_size: int):
+        super().__init__()
+        self.images, self.batch_size = images, batch_size
+
+    def on_test_begin(self, logs=None):
+        refresh_batch_norm(self.model, self.images, self.batch_size)
 
 
 class BestCheckpoint(keras.callbacks.Callback):

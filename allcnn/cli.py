@@ -20,6 +20,7 @@ from allcnn.config import (DATASETS, DEVICES, DISTRIBUTE_MODES, EXPLAIN_METHODS,
                            SCHEDULES, SHIPPED, TTA_MODES, VARIANTS, ConfigError)
 from allcnn.errors import AllcnnError
 from allcnn.manifest import WeightsSpec, resolve_weights
+from allcnn.resources import recipe_names
 
 # TensorFlow's C++ start-up chatter is noise for a CLI user.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -82,9 +83,7 @@ def main(debug: bool) -> None:
 
 @main.command()
 @click.option("--config", "config_path", default="paper", show_default=True,
-              help="A TOML recipe: a path, or the name of one in configs/ "
-                   "(paper, paper-cifar100, finetune, tutorial, release-v3, release-v2, release-gpu, "
-                   "release-stage1, release, release-stage3).")
+              help=f"A TOML recipe: a path, or the name of one in configs/ ({', '.join(recipe_names())}).")
 @click.option("--epochs", type=click.IntRange(min=1),
               help="Epochs of all layers, after the recipe's --head-epochs classifier-only ones (finetune: 10); "
                    "the run's first line states the plan.")

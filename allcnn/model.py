@@ -280,6 +280,30 @@ def unfold_batch_norm(plain: keras.Sequential, into: keras.Sequential, images: n
         norm.set_weights([np.sqrt(variance + norm.epsilon), mean, mean, variance])
 
 
+def refresh_batch_norm(model: keras.Sequential, images: np.ndarray, batch_size: int = 128) -> None:
+    """Sets each batch norm's moving mean and variance to the statistics that the weights in
+    the model now produce, averaged over the batches of `images` (PyTorch's `swa_utils.update_bn`).
+
+    For averaged weights (Keras' `SGD(use_ema=True)` averages the trainable ones only), whose
+    moving statistics were gathered by the trained weights and no longer match them. Each batch
+    goes through the network with the batch norms in training mode, so every layer sees inputs
+    normalized as in training, and everything else in inference mode: no dropout. `images`:
+    preprocessed network inputs, unaugmented training images.
+    """
+    norms = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    momenta = [norm.momentum for norm in norms]
+    try:
+        for step, start in enumerate(range(0, len(images), batch_size)):
+            for norm in norms:  # moving = the running mean of the batch statistics so far
+                norm.momentum = step / (step + 1)
+            outputs = images[start:start + batch_size]
+            for layer in model.layers:
+                outputs = layer(outputs, training=layer in norms)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+
+
 def load_classifier(
     weights: str | os.PathLike | WeightsSpec | None = None,
     *,

@@ -106,6 +106,11 @@ class CifarBatches(keras.utils.PyDataset):
             return np.arange(len(self.x))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
 
+    def sample(self, count: int) -> np.ndarray:
+        """`count` of the split's images, preprocessed, unaugmented and unsharded: the same
+        in every process and every epoch (the first of the seed's epoch-0 order)."""
+        return self.x[np.random.default_rng([self.seed, 0]).permutation(len(self.x))[:count]]
+
     def __len__(self) -> int:
         rounding = math.floor if self.drop_remainder else math.ceil
         return rounding(len(self.x) / self.batch_size)

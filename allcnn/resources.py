@@ -27,3 +27,8 @@ def weights_dir() -> Path:
 
 def configs_dir() -> Path:
     return _package_dir("allcnn.configs", "configs")
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped in `configs/`, by the name `--config` takes."""
+    return sorted(path.stem for path in configs_dir().glob("*.toml"))

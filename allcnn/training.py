@@ -19,7 +19,7 @@ from typing import Callable
 import keras
 
 from allcnn import data, distribute, hardware
-from allcnn.callbacks import EpochStats, NanStop, RunBackup, SwapEMAWeights, writer_callbacks
+from allcnn.callbacks import BatchNormRefresh, EpochStats, NanStop, RunBackup, SwapEMAWeights, writer_callbacks
 from allcnn.config import EXECUTION_KEYS, ConfigError, TrainConfig
 from allcnn.distribute import Replicas, WorkerLost, is_worker_loss
 from allcnn.evaluation import metrics
@@ -33,6 +33,9 @@ from allcnn.run_folder import RunError, RunFolder, best_val_accuracy
 from allcnn.weights_io import load_weights
 
 VAL_BATCH = 500
+# Training images whose statistics the batch norms get for the averaged weights (use_ema):
+# 100 batches of 128, a few seconds before each validation.
+REFRESH_IMAGES = 12_800
 
 
 def train(config: TrainConfig, out, *, data_dir=None, test_dir=None, overwrite: bool = False,
@@ -209,6 +212,8 @@ def _fit_phase(model: keras.Model, run: RunFolder, phase: Phase, lr: float, star
     callbacks = [EpochSeeder(train_batches, config.seed), EpochStats(), nan_stop]
     if config.use_ema:  # before the writers, so that they see the averaged weights
         callbacks.append(SwapEMAWeights(resumed=restored))
+        if config.batch_norm:  # after the swap: statistics for the averaged weights
+            callbacks.append(BatchNormRefresh(train_batches.sample(REFRESH_IMAGES), config.batch_size))
     callbacks += (writer_callbacks(run, start_epoch, restore=restored) if replicas.is_chief
                   else [RunBackup(run, write=False, restore=restored)])
     started = time.perf_counter()

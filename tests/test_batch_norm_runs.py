@@ -98,3 +98,29 @@ def test_a_batch_norm_run_starts_from_plain_weights_equal_to_them(tmp_path, cifa
     result = CliRunner().invoke(main, ["train", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "p"),
                                        "--initial-weights", str(tmp_path / "bn" / "best.weights.h5"), "--epochs", "1"])
     assert result.exit_code == 1 and "are the paper (batch norm) network; this run trains paper" in result.output
+
+
+def test_ema_validates_and_saves_the_averaged_weights_with_their_own_statistics(tmp_path, cifar_dir, monkeypatch):
+    from allcnn import callbacks
+
+    refreshed = []
+
+    def spy(model, images, batch_size):
+        callbacks_refresh(model, images, batch_size)
+        refreshed.append(model.get_weights())
+
+    callbacks_refresh = callbacks.refresh_batch_norm
+    monkeypatch.setattr(callbacks, "refresh_batch_norm", spy)
+    recipe = tmp_path / "bn.toml"
+    recipe.write_text(load_config("release-bn", epochs=2, warmup_epochs=0, batch_size=16, val_size=40, use_ema=True,
+                                  ema_momentum=0.5, precision="float32").to_toml())
+    result = CliRunner().invoke(main, ["train", "--config", str(recipe), "--data-dir", str(cifar_dir),
+                                       "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    # Once before each validation, with the average swapped in: the checkpoint keeps what was validated,
+    # the averaged kernels and the statistics recomputed for them.
+    assert len(refreshed) == 2
+    saved = build_model(batch_norm=True, input_dropout=0.0, dropout=0.25)
+    load_weights(saved, tmp_path / "run" / "last.weights.h5")
+    for mine, kept in zip(refreshed[-1], saved.get_weights(), strict=True):
+        np.testing.assert_array_equal(mine, kept)

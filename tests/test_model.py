@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from allcnn.config import ConfigError
-from allcnn.model import BatchNormalization, build_model, classifier_layer, fold_batch_norm, unfold_batch_norm
+from allcnn.model import (BatchNormalization, build_model, classifier_layer, fold_batch_norm, refresh_batch_norm,
+                          unfold_batch_norm)
 
 # Each derivation of Table 2 and each base model of Table 1 (5x5, 1x1 and 3x3 convs) at least once:
 # folding goes conv by conv, whatever comes between.
@@ -169,3 +170,36 @@ def test_unfold_batch_norm_starts_equal_to_the_plain_network_and_folds_back(vari
     assert normed.get_layer("bn1").moving_variance.numpy().min() > 0
     np.testing.assert_allclose(keras.ops.convert_to_numpy(fold_batch_norm(normed)(images, training=False)),
                                expected, atol=1e-5)
+
+
+def test_refresh_batch_norm_averages_the_batch_statistics_with_dropout_off():
+    rng = np.random.default_rng(4)
+    model = keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Conv2D(4, 3, name="conv1"),
+                              BatchNormalization(name="bn1"), keras.layers.ReLU(), keras.layers.Dropout(0.5),
+                              keras.layers.Conv2D(2, 3, name="conv2"), BatchNormalization(name="bn2")])
+    for norm in (model.get_layer("bn1"), model.get_layer("bn2")):
+        channels = norm.gamma.shape[0]  # stale statistics, and a gamma and beta that matter
+        norm.set_weights([rng.uniform(0.5, 2, channels), rng.uniform(-1, 1, channels),
+                          np.full(channels, 9.0), np.full(channels, 9.0)])
+    images = rng.normal(1.0, 2.0, size=(24, 6, 6, 3)).astype("float32")
+
+    refresh_batch_norm(model, images, batch_size=8)
+
+    def moments(x):  # per channel, over a batch: the biased variance, as Keras keeps it
+        x = np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
+        return x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+
+    expected = {"bn1": [], "bn2": []}
+    for batch in np.split(images, 3):  # by hand: bn1 normalizes by its batch's statistics, no dropout
+        conv1 = model.get_layer("conv1")(batch)
+        mean, variance = moments(conv1)
+        gamma, beta = (w.numpy() for w in (model.get_layer("bn1").gamma, model.get_layer("bn1").beta))
+        normed = np.maximum(gamma * (conv1 - mean) / np.sqrt(variance + 1e-3) + beta, 0).astype("float32")
+        expected["bn1"].append((mean, variance))
+        expected["bn2"].append(moments(model.get_layer("conv2")(normed)))
+    for name, per_batch in expected.items():
+        norm = model.get_layer(name)
+        np.testing.assert_allclose(norm.moving_mean.numpy(), np.mean([m for m, _ in per_batch], axis=0), atol=1e-4)
+        np.testing.assert_allclose(norm.moving_variance.numpy(), np.mean([v for _, v in per_batch], axis=0),
+                                   rtol=1e-4)
+        assert norm.momentum == 0.99

@@ -334,3 +334,17 @@ def test_gpu_train_without_part1_says_to_run_setup_first(tmp_path):
     (tmp_path / "bundle").mkdir()
     result = _gpu_train(tmp_path, tmp_path / "bundle", "machine", "out", "train", "release-gpu", "60")
     assert result.returncode == 2 and result.stderr.startswith("error: this machine lacks data_batch_1 ")
+
+
+def test_compare_networks_trains_each_network_with_one_recipe_then_tabulates(tmp_path, cifar_dir):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(load_config("release-bn", epochs=1, warmup_epochs=0, batch_size=16, val_size=40,
+                                  precision="float32").to_toml())
+    command = [sys.executable, str(SCRIPTS / "compare_networks.py"), "model-c", "all-cnn-c", "--recipe",
+               str(recipe), "--data-dir", str(cifar_dir), "--root", str(tmp_path / "runs")]
+    first = subprocess.run(command, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    rows = [line for line in first.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [line.split(" | ")[0:2] for line in rows] == [["| model-c", "1"], ["| all-cnn-c", "1"]]
+    assert [load_config(tmp_path / "runs" / name / "config.toml").variant for name in ("model-c", "all-cnn-c")] == [
+        "model-c", "paper"]
