@@ -1,6 +1,6 @@
 """Draws docs/img/explain-methods.png: one CIFAR-10 test image taken back three ways, one row per network.
 
-    python scripts/explain_figure.py shipped runs/model-c/best.weights.h5 --data-dir ../shared/data \\
+    python scripts/explain_figure.py runs/model-c/best.weights.h5 shipped --data-dir ../shared/data \\
         --out docs/img/explain-methods.png
 
 Each WEIGHTS is a weights file whose run folder (or the manifest, for `shipped`) tells its
