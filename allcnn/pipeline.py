@@ -109,7 +109,7 @@ class CifarBatches(keras.utils.PyDataset):
     def sample(self, count: int) -> np.ndarray:
         """`count` of the split's images, preprocessed, unaugmented and unsharded: the same
         in every process and every epoch (the first of the seed's epoch-0 order)."""
-        return self.x[np.random.default_rng([self.seed, 0]).permutation(len(self.x))[:count]]
+        return self.x[self._order_for(0)[:count]]
 
     def __len__(self) -> int:
         rounding = math.floor if self.drop_remainder else math.ceil
