@@ -91,6 +91,9 @@ class TrainConfig:
     augment: bool = True
     flip: bool = True
     translate: int = 5
+    # Cutout (DeVries & Taylor, 2017): each training image loses a random square of this
+    # side (0: none), centred on a random pixel.
+    cutout: int = 0
     preprocessing: str = "standardize"
     input_dropout: float = 0.2
     dropout: float = 0.5
@@ -156,7 +159,7 @@ class TrainConfig:
         for key in ("lr", "head_lr"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
-        for key in ("weight_decay", "time_decay", "warmup_epochs", "translate", "head_epochs", "val_size"):
+        for key in ("weight_decay", "time_decay", "warmup_epochs", "translate", "cutout", "head_epochs", "val_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must not be negative, got {getattr(self, key)}")
         for key in ("label_smoothing", "input_dropout", "dropout", "momentum", "ema_momentum", "val_split"):

@@ -18,11 +18,14 @@ import numpy as np
 from allcnn.preprocessing import Preprocessing
 
 
-def augment(images: np.ndarray, rng: np.random.Generator, flip: bool, translate: int) -> np.ndarray:
-    """Random horizontal flips and translations up to `translate` pixels.
+def augment(images: np.ndarray, rng: np.random.Generator, flip: bool, translate: int,
+            cutout: int = 0) -> np.ndarray:
+    """Random horizontal flips, translations up to `translate` pixels and cutout.
 
     Translations pad with zeros (the training mean after standardization) and
-    crop back to the original size, as in the paper's "translations".
+    crop back to the original size, as in the paper's "translations". Cutout
+    (DeVries & Taylor, 2017) then zeroes a `cutout` x `cutout` square centred on
+    a random pixel, clipped at the border, so it may cover less than the square.
     """
     n, h, w, _ = images.shape
     if flip:
@@ -34,6 +37,11 @@ def augment(images: np.ndarray, rng: np.random.Generator, flip: bool, translate:
         rows = (dy[:, None] + np.arange(h))[:, :, None]
         cols = (dx[:, None] + np.arange(w))[:, None, :]
         images = padded[np.arange(n)[:, None, None], rows, cols]
+    if cutout:
+        top, left = (rng.integers(0, (h, w), size=(n, 2)) - cutout // 2).T
+        inside_rows = (np.arange(h) >= top[:, None]) & (np.arange(h) < top[:, None] + cutout)
+        inside_cols = (np.arange(w) >= left[:, None]) & (np.arange(w) < left[:, None] + cutout)
+        images = np.where((inside_rows[:, :, None] & inside_cols[:, None, :])[..., None], 0, images)
     return images
 
 
@@ -46,7 +54,7 @@ class CifarBatches(keras.utils.PyDataset):
         preprocessing: the fitted `Preprocessing`, applied once up front.
         batch_size: images per (global) batch; the last batch may be smaller
             unless `drop_remainder`.
-        shuffle, flip, translate: training-time randomness.
+        shuffle, flip, translate, cutout: training-time randomness.
         seed: the run's seed.
         shard: (index, count): this process's part of every batch in a
             multi-process run. The whole batch is drawn and augmented in every
@@ -74,6 +82,7 @@ class CifarBatches(keras.utils.PyDataset):
         shuffle: bool = False,
         flip: bool = False,
         translate: int = 0,
+        cutout: int = 0,
         seed: int = 0,
         shard: tuple[int, int] = (0, 1),
         drop_remainder: bool = False,
@@ -84,7 +93,7 @@ class CifarBatches(keras.utils.PyDataset):
         self.x = preprocessing(images)
         self.y = np.asarray(labels, dtype=np.float32)
         self.batch_size = batch_size
-        self.shuffle, self.flip, self.translate, self.seed = shuffle, flip, translate, seed
+        self.shuffle, self.flip, self.translate, self.cutout, self.seed = shuffle, flip, translate, cutout, seed
         self.shard, self.drop_remainder = shard, drop_remainder
         self.epoch = 0
         self._order = self._order_for(0)
@@ -127,9 +136,9 @@ class CifarBatches(keras.utils.PyDataset):
         """Batch `index` of `epoch`, whose data order is `order`."""
         picked = order[index * self.batch_size : (index + 1) * self.batch_size]
         x = self.x[picked]
-        if self.flip or self.translate:
+        if self.flip or self.translate or self.cutout:
             rng = np.random.default_rng([self.seed, epoch, index, 1])
-            x = augment(x, rng, self.flip, self.translate)
+            x = augment(x, rng, self.flip, self.translate, self.cutout)
         y = self.y[picked]
         index, count = self.shard
         if count > 1:

@@ -255,7 +255,8 @@ def make_batches(config: TrainConfig, run: RunFolder, train_split: tuple, val_sp
     augment = config.augment
     train_batches = CifarBatches(train_split[0], one_hot(train_split[1]), prep, layout["global_batch_size"],
                                  shuffle=True, flip=augment and config.flip,
-                                 translate=config.translate if augment else 0, seed=config.seed,
+                                 translate=config.translate if augment else 0,
+                                 cutout=config.cutout if augment else 0, seed=config.seed,
                                  shard=shard, drop_remainder=even, threads=config.data_workers)
     val_batch = replicas.count * max(1, VAL_BATCH // replicas.count)
     val_batches = CifarBatches(val_split[0], one_hot(val_split[1]), prep, val_batch, shard=shard)

@@ -145,6 +145,22 @@ def test_augment_flips_and_translates():
         assert np.array_equal(f, original) or np.array_equal(f, original[:, ::-1])
 
 
+def test_cutout_zeroes_one_clipped_square_per_image():
+    images = np.ones((500, 32, 32, 3), np.float32)
+    out = augment(images, np.random.default_rng(0), flip=False, translate=0, cutout=16)
+    sides = []
+    for image in out:
+        rows, cols = np.nonzero((image == 0).all(-1))
+        # The zeros are one solid rectangle, every channel, the rest untouched.
+        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        assert len(rows) == (bottom - top) * (right - left) and np.isin(image, (0, 1)).all()
+        for low, high in ((top, bottom), (left, right)):
+            assert high - low == 16 or low == 0 or high == 32  # a full side unless clipped at a border
+            sides.append(high - low)
+    assert min(sides) == 8 and max(sides) == 16  # centred anywhere: clipped to half at the border
+    assert np.array_equal(augment(images, np.random.default_rng(0), flip=False, translate=0), images)
+
+
 def test_batches_depend_only_on_seed_epoch_and_index():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)

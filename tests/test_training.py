@@ -111,6 +111,7 @@ def test_bad_flags_exit_2(args, message, tmp_path):
     ("epoch = 3", "epoch: unknown key"),
     ("epochs = 'ten'", "epochs: expected int, got str"),
     ("epochs = 0", "epochs: must be at least 1"),
+    ("cutout = -4", "cutout: must not be negative, got -4"),
     ("schedule = 'linear'", "schedule: 'linear' is not one of"),
     ("milestones = [1.5]", "milestones: expected list"),
     ("lr = 0", "lr: must be positive, got 0.0"),
@@ -133,6 +134,19 @@ def test_bad_config_names_the_key(line, message, tmp_path):
     with pytest.raises(ConfigError) as error:
         make_config(**tomllib.loads(line))
     assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("augment, cutout", [(True, 16), (False, 0)])
+def test_training_batches_take_the_recipes_cutout(augment, cutout, tmp_path):
+    from allcnn.config import make_config
+    from allcnn.distribute import Replicas
+    from allcnn.run_folder import RunFolder
+    from allcnn.training import make_batches
+
+    split = (np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8, int))
+    train, val = make_batches(make_config(cutout=16, augment=augment), RunFolder(tmp_path), split, split,
+                              Replicas("none", ["cpu:0"]), {"global_batch_size": 4}, 10)
+    assert (train.cutout, val.cutout) == (cutout, 0)
 
 
 def test_val_size_override_beats_the_recipes_fraction():
