@@ -143,7 +143,7 @@ def test_training_batches_take_the_recipes_cutout(augment, cutout, tmp_path):
     from allcnn.run_folder import RunFolder
     from allcnn.training import make_batches
 
-    split = (np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8, int))
+    split = (np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), np.zeros(8, int))
     train, val = make_batches(make_config(cutout=16, augment=augment), RunFolder(tmp_path), split, split,
                               Replicas("none", ["cpu:0"]), {"global_batch_size": 4}, 10)
     assert (train.cutout, val.cutout) == (cutout, 0)
