@@ -105,7 +105,8 @@ class BatchNormRefresh(keras.callbacks.Callback):
     variance, which follow the trained weights: validating the average with them measures
     a mismatched network. Before each validation, once `SwapEMAWeights` (earlier in the
     callback list) has swapped the average in, `refresh_batch_norm` recomputes them on
-    `images` (unaugmented training images); the checkpoints of the epoch's end keep them.
+    `images` (training images, augmented as training augments them); the checkpoints of the
+    epoch's end keep them.
     Training then normalizes by batch statistics and its moving averages move on
     (momentum 0.99 forgets the refresh within a few hundred steps).
     """

@@ -116,9 +116,16 @@ class CifarBatches(keras.utils.PyDataset):
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
 
     def sample(self, count: int) -> np.ndarray:
-        """`count` of the split's images, preprocessed, unaugmented and unsharded: the same
-        in every process and every epoch (the first of the seed's epoch-0 order)."""
-        return self.x[self._order_for(0)[:count]]
+        """`count` of the split's images as training sees them, preprocessed and augmented, but
+        unsharded: the same in every process and every epoch (the first of the seed's epoch-0
+        order, under augmentation of their own)."""
+        return self._augmented(self.x[self._order_for(0)[:count]], 0, 0, 2)
+
+    def _augmented(self, x: np.ndarray, *key: int) -> np.ndarray:
+        """`x` under the split's augmentation, drawn from the seed and `key`."""
+        if not (self.flip or self.translate or self.cutout):
+            return x
+        return augment(x, np.random.default_rng([self.seed, *key]), self.flip, self.translate, self.cutout)
 
     def __len__(self) -> int:
         rounding = math.floor if self.drop_remainder else math.ceil
@@ -135,11 +142,7 @@ class CifarBatches(keras.utils.PyDataset):
     def _batch(self, order: np.ndarray, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Batch `index` of `epoch`, whose data order is `order`."""
         picked = order[index * self.batch_size : (index + 1) * self.batch_size]
-        x = self.x[picked]
-        if self.flip or self.translate or self.cutout:
-            rng = np.random.default_rng([self.seed, epoch, index, 1])
-            x = augment(x, rng, self.flip, self.translate, self.cutout)
-        y = self.y[picked]
+        x, y = self._augmented(self.x[picked], epoch, index, 1), self.y[picked]
         index, count = self.shard
         if count > 1:
             part = len(picked) // count

@@ -33,8 +33,8 @@ from allcnn.run_folder import RunError, RunFolder, best_val_accuracy
 from allcnn.weights_io import load_weights
 
 VAL_BATCH = 500
-# Training images whose statistics the batch norms get for the averaged weights (use_ema):
-# 100 batches of 128, a forward pass before each validation (~10% of an epoch's FLOPs).
+# Training images (augmented) whose statistics the batch norms get for the averaged weights
+# (use_ema): 100 batches of 128, a forward pass before each validation (~10% of an epoch's FLOPs).
 REFRESH_IMAGES = 12_800
 
 

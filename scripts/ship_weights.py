@@ -237,7 +237,8 @@ def ship(last_stage: Path, data_dir: str) -> dict:
     check_beats_shipped(float(best["val_accuracy"]), configs[-1])
     one_schedule = len(recipes) == 1 and recipes[0] in ONE_SCHEDULE_RECIPES
     command = (ONE_SCHEDULE_RECIPES[recipes[0]] if one_schedule else
-               "allcnn train --config RECIPE, each stage with --initial-weights PREVIOUS_STAGE/last.weights.h5")
+               "allcnn train --config RECIPE, each stage with --initial-weights PREVIOUS_STAGE/last.weights.h5 "
+               "(or best.weights.h5: each stage's config names its file)")
     hours_to_90, epochs_to_90 = time_to(history, 0.90)
     produced = {"recipe": recipes if len(recipes) > 1 else recipes[0],
                 "command": command,

@@ -177,6 +177,26 @@ def test_batches_depend_only_on_seed_epoch_and_index():
     assert not np.array_equal(a[1][0], b[1][0])
 
 
+def test_sample_is_augmented_as_training_is_and_fixed_across_epochs():
+    # Batch norm statistics recomputed on it must be those the network learnt under augmentation.
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, (50, 32, 32, 3), dtype=np.uint8)
+    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 50)]
+    prep = fit_preprocessing("scale", images)
+    make = lambda **augmentation: CifarBatches(images, labels, prep, 16, shuffle=True, seed=7,  # noqa: E731
+                                               **augmentation)
+    clean = make().sample(20)
+    np.testing.assert_array_equal(clean, prep(images)[np.random.default_rng([7, 0]).permutation(50)[:20]])
+    cut = make(cutout=16)
+    sample = cut.sample(20)
+    cut.set_epoch(3)
+    np.testing.assert_array_equal(cut.sample(20), sample)
+    np.testing.assert_array_equal(make(cutout=16).sample(20), sample)
+    erased = (sample == 0).all(axis=-1)
+    assert erased.sum(axis=(1, 2)).min() >= 8 * 8  # every image lost a square, the rest is unchanged
+    np.testing.assert_array_equal(np.where(erased[..., None], 0, clean), sample)
+
+
 def test_threads_prepare_the_same_batches_whatever_was_prefetched():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8)
