@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from allcnn import data
 from allcnn.config import SHIPPED, TrainConfig
 from allcnn.manifest import resolve_weights
 from allcnn.model import base_layers, build_model, unfold_batch_norm
-from allcnn.preprocessing import Preprocessing
+from allcnn.pipeline import CifarBatches
 from allcnn.run_folder import RunError, RunFolder
 from allcnn.weights_io import WeightsError, load_weights
 
@@ -80,14 +79,16 @@ def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) 
 
 
 def load_initial_weights(model: keras.Model, source: StartingWeights, class_names: tuple[str, ...],
-                         train_images: np.ndarray, preprocessing: Preprocessing) -> None:
+                         train_batches: CifarBatches) -> None:
     """Starts a run from earlier weights; a resumed run restores its own instead.
 
     Weights trained on `class_names` load whole (a warm restart); weights trained
     on other classes load into every layer but the classifier, which keeps its
     random init (transfer learning). Plain weights (the shipped ones) start a batch-norm
-    run through `unfold_batch_norm`, its statistics taken on the first `UNFOLD_IMAGES` of
-    `train_images` (uint8, preprocessed only then), so that the run starts equal to the plain network.
+    run through `unfold_batch_norm`, so that the run starts equal to the plain network, its
+    statistics taken on `UNFOLD_IMAGES` of `train_batches` augmented as training augments them:
+    the statistics that training's batches give it, and that a weight average's refresh
+    (`BatchNormRefresh`) computes for the same weights, so that its average starts equal too.
     """
     whole = tuple(source.class_names) == tuple(class_names)
     unfold = source.batch_norm is False and any(isinstance(layer, keras.layers.BatchNormalization)
@@ -98,7 +99,7 @@ def load_initial_weights(model: keras.Model, source: StartingWeights, class_name
     except WeightsError as e:
         raise RunError(f"initial_weights: {e}") from None
     if unfold:
-        images = preprocessing(train_images[:UNFOLD_IMAGES])
+        images = train_batches.sample(UNFOLD_IMAGES)
         unfold_batch_norm(target, model, images)
     print(f"initial weights: {source.path}: " + ("every layer" if whole else
           f"every layer but the classifier, new for {len(class_names)} classes "

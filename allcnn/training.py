@@ -184,7 +184,7 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
         elif phase.first and not restored:  # resumed where the phase begins: the previous one's weights
             load_weights(model, run.backup_weights())
         elif not restored and config.initial_weights:
-            load_initial_weights(model, starting_weights(config), names, train_split[0], run.read_preprocessing())
+            load_initial_weights(model, starting_weights(config), names, train_batches)
         if config.head_epochs:
             trains = "the classifier alone, the base frozen" if phase.config.freeze_base else "every layer"
             print(f"epochs {phase.first + 1} to {phase.end} of {config.total_epochs}: {trains}, lr {lr:g}")

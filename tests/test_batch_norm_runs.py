@@ -15,8 +15,9 @@ from allcnn.config import load_config
 from allcnn.data import CLASS_NAMES
 from allcnn.inference import Classifier
 from allcnn.initial_weights import StartingWeights, load_initial_weights
-from allcnn.model import build_model, load_classifier
+from allcnn.model import build_model, load_classifier, unfold_batch_norm
 from allcnn.optim import compile_model
+from allcnn.pipeline import CifarBatches
 from allcnn.preprocessing import Preprocessing
 from allcnn.weights_io import load_weights
 from tests.helpers_weights import make_run
@@ -76,14 +77,23 @@ def test_export_has_no_batch_norm_and_matches_keras(weights, tmp_path):
     assert json.loads((tmp_path / "m_saved_model.json").read_text())["check"]["max_abs_difference"] <= 1e-4
 
 
-def test_a_batch_norm_run_starts_from_plain_weights_equal_to_them(tmp_path, cifar_dir):
+def test_a_batch_norm_run_starts_from_plain_weights_equal_to_them(tmp_path, cifar_dir, monkeypatch):
+    from allcnn import initial_weights
+
     plain_weights = make_run(tmp_path / "plain")
     pixels = np.random.default_rng(2).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     preprocessing = Preprocessing("standardize", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
     images = preprocessing(pixels)
+    batches = CifarBatches(pixels, np.eye(10, dtype=np.float32)[np.arange(40) % 10], preprocessing, 16,
+                           shuffle=True, flip=True, translate=4, cutout=16)
+    unfolded_on = []
+    monkeypatch.setattr(initial_weights, "unfold_batch_norm",
+                        lambda plain, normed, x: (unfolded_on.append(x), unfold_batch_norm(plain, normed, x)))
     model = compile_model(load_config("release-bn"), steps_per_epoch=10)
-    load_initial_weights(model, StartingWeights(plain_weights, CLASS_NAMES, "paper", False), CLASS_NAMES, pixels,
-                         preprocessing)
+    load_initial_weights(model, StartingWeights(plain_weights, CLASS_NAMES, "paper", False), CLASS_NAMES, batches)
+    # The statistics are those of augmented images, as training's batches and a refresh give them.
+    np.testing.assert_array_equal(unfolded_on[0], batches.sample(initial_weights.UNFOLD_IMAGES))
+    assert not np.allclose(unfolded_on[0], images[batches._order_for(0)])
     plain = build_model()
     load_weights(plain, plain_weights)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(images, training=False)),
