@@ -391,6 +391,17 @@ def load_splits(config: TrainConfig, data_dir, test_dir=None) -> tuple[Dataset, 
     return dataset, train, val
 
 
+def recorded_split(val_size: int = 0, val_split: float = 0.0, dataset: str = "cifar10") -> dict[str, int | float]:
+    """The validation images that a run's `val_size` and `val_split` hold out (see `hold_out`), as the
+    weights manifest records them: the fraction where one is set, else the count, with CIFAR's
+    default (0) written out as `CIFAR_VAL_SIZE` so that an entry reads alone and older entries,
+    which wrote 0, compare equal. With the same seed, equal records hold out the same images.
+    An image folder's default (a fraction, at least one image a class) stays 0."""
+    if val_split:
+        return {"val_split": val_split}
+    return {"val_size": val_size or (0 if dataset == "folder" else CIFAR_VAL_SIZE)}
+
+
 def hold_out(x: np.ndarray, y: np.ndarray, dataset: str, val_size: int = 0, val_split: float = 0.0,
              seed: int = 0) -> tuple[tuple, tuple]:
     """Splits a dataset's training images into (train, validation) as a run's config says; training

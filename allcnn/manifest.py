@@ -42,7 +42,7 @@ from pathlib import Path
 
 from allcnn import resources
 from allcnn.config import VARIANTS, variant_of
-from allcnn.data import CIFAR_VAL_SIZE, CLASS_NAMES
+from allcnn.data import CIFAR_VAL_SIZE, CLASS_NAMES, recorded_split
 from allcnn.files import atomic_write_text
 from allcnn.preprocessing import Preprocessing
 from allcnn.run_folder import RunFolder
@@ -67,7 +67,7 @@ class WeightsSpec:
     variant: str
     preprocessing: Preprocessing
     architecture: dict = field(default_factory=dict)
-    val_size: int = 5000
+    val_size: int = CIFAR_VAL_SIZE
     seed: int = 0
     class_names: tuple[str, ...] = CLASS_NAMES
     val_split: float = 0.0
@@ -136,7 +136,8 @@ def _from_manifest(directory: Path) -> WeightsSpec:
     return WeightsSpec(path, weights_format(path), entry["variant"],
                        Preprocessing.from_dict(entry["preprocessing"], directory),
                        {"batch_norm": bool(entry.get("batch_norm", False)), "classes": len(names)},
-                       int(entry.get("val_size", 5000)), int(entry.get("seed", 0)), names)
+                       int(entry.get("val_size", CIFAR_VAL_SIZE)), int(entry.get("seed", 0)), names,
+                       float(entry.get("val_split", 0.0)))
 
 
 def _keras_archive_architecture(path: Path) -> tuple[str | None, dict]:
@@ -231,9 +232,8 @@ def write_manifest_entry(
         raise WeightsError("ZCA preprocessing needs its matrix beside the manifest; copy the .zca.npy file by hand")
     entry = {"name": name, "file": weights_file.name, "sha256": sha256(weights_file), "variant": config.variant,
              "batch_norm": config.batch_norm if batch_norm is None else batch_norm, "preprocessing": prep.to_dict(),
-             # the count held out, not 0 for "the default", so that the entry reads alone
-             "val_size": config.val_size or CIFAR_VAL_SIZE, "seed": config.seed, "accuracy": accuracy,
-             "produced": produced}
+             **recorded_split(config.val_size, config.val_split, config.dataset), "seed": config.seed,
+             "accuracy": accuracy, "produced": produced}
     path = weights_file.parent / MANIFEST
     manifest = json.loads(path.read_text()) if path.is_file() else {"weights": []}
     manifest["weights"] = [e for e in manifest["weights"] if e.get("name") != name] + [entry]

@@ -28,7 +28,7 @@ import numpy as np
 
 from allcnn import hardware
 from allcnn.config import EXECUTION_KEYS, SHIPPED, TrainConfig, load_config
-from allcnn.data import CIFAR_VAL_SIZE, CLASS_NAMES, DataError, load_cifar10
+from allcnn.data import CLASS_NAMES, DataError, load_cifar10, recorded_split
 from allcnn.evaluation import metrics
 from allcnn.files import atomic_write, atomic_write_csv, atomic_write_text
 from allcnn.inference import Classifier
@@ -103,8 +103,8 @@ def recipe_of(run: Path, config: TrainConfig) -> str:
         recipe = load_config(path, **kept)
         if recipe.dataset == "auto":  # a run records the dataset `auto` resolved to
             recipe = replace(recipe, dataset=config.dataset)
-        if not recipe.val_size and config.val_size == CIFAR_VAL_SIZE:  # a run recorded CIFAR's default count
-            recipe = replace(recipe, val_size=CIFAR_VAL_SIZE)
+        if recorded_split(recipe.val_size, recipe.val_split) == recorded_split(config.val_size, config.val_split):
+            recipe = replace(recipe, val_size=config.val_size)  # a run may record CIFAR's default count
         if recipe == config:
             return f"configs/{path.name}"
     sys.exit(f"error: no configs/release*.toml has the settings of {RunFolder(run).config_path}")
@@ -181,9 +181,8 @@ def check_beats_shipped(val_top1: float, config: TrainConfig) -> None:
         shipped = manifest_entry(NAME, WEIGHTS)
     except WeightsError:  # nothing shipped yet
         return
-    # val_size 0 is CIFAR's default count, the one older entries write out
-    same_split = ((shipped.get("val_size") or CIFAR_VAL_SIZE, shipped.get("seed")) ==
-                  (config.val_size or CIFAR_VAL_SIZE, config.seed))
+    same_split = ((recorded_split(shipped.get("val_size", 0), shipped.get("val_split", 0.0)), shipped.get("seed")) ==
+                  (recorded_split(config.val_size, config.val_split), config.seed))
     shipped_val = shipped.get("accuracy", {}).get("val_top1")
     if same_split and shipped_val is not None and val_top1 <= shipped_val:
         sys.exit(f"error: not shipping: best val_accuracy {val_top1:.4f} does not beat {shipped_val:.4f} of the "

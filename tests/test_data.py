@@ -4,7 +4,7 @@ import pickle
 import numpy as np
 import pytest
 
-from allcnn.data import DatasetError, DataError, hold_out, load_cifar10, train_val_split
+from allcnn.data import DatasetError, DataError, hold_out, load_cifar10, recorded_split, train_val_split
 from allcnn.pipeline import CifarBatches, augment
 from allcnn.preprocessing import Preprocessing, fit_preprocessing
 from conftest import SHARED_DATA
@@ -98,6 +98,13 @@ def test_train_val_split_is_seeded_and_disjoint():
     assert len(yv) == 20 and len(ya) == 80 and not set(ya) & set(yv)
     np.testing.assert_array_equal(yv, yv2)
     assert not np.array_equal(yv, train_val_split(x, y, 20, seed=4)[1][1])
+
+
+def test_recorded_split_writes_out_cifars_default_and_keeps_a_fraction():
+    assert recorded_split() == recorded_split(5000) == {"val_size": 5000}  # as older manifest entries (0) compare
+    assert recorded_split(40) == {"val_size": 40}
+    assert recorded_split(40, 0.25) == recorded_split(0, 0.25) == {"val_split": 0.25}  # hold_out takes the fraction
+    assert recorded_split(dataset="folder") == {"val_size": 0}  # a folder's default is no one count
 
 
 def test_hold_out_defaults_per_dataset_and_keeps_explicit_splits():

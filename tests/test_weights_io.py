@@ -77,6 +77,22 @@ def test_manifest_sha256(weights, tmp_path):
         resolve_weights(weights_dir=tmp_path / "nothing")
 
 
+def test_manifest_records_the_validation_images_a_run_held_out(tmp_path):
+    """A fraction (val_split) is written as such, the default count written out: `evaluate --split
+    val` and ship_weights' comparison read them back as the run held them out."""
+    from allcnn.config import make_config
+    from allcnn.manifest import resolve_weights, write_manifest_entry
+
+    weights = make_run(tmp_path)
+    config = weights.parent / "config.toml"
+    for settings, recorded in [({"val_split": 0.25}, {"val_split": 0.25}), ({}, {"val_size": 5000})]:
+        config.write_text(make_config(**settings).to_toml())
+        entry = write_manifest_entry(weights, weights.parent, name="tiny", accuracy={}, produced={})
+        assert {key: entry[key] for key in ("val_size", "val_split") if key in entry} == recorded
+        spec = resolve_weights(weights_dir=weights.parent)
+        assert (spec.val_size, spec.val_split) == (recorded.get("val_size", 5000), recorded.get("val_split", 0.0))
+
+
 @pytest.mark.parametrize("manifest, message", [
     ([], "expected an object"),
     ({"weights": ["x"]}, "expected an object"),
