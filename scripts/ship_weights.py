@@ -232,7 +232,8 @@ def ship(last_stage: Path, data_dir: str) -> dict:
     recipes = before.recipes + [recipe_of(run, config) for run, config in zip(runs, configs)]
     shipped = runs[-1]
     _, (x_test, y_test) = load_cifar10(data_dir)
-    best = max(history, key=lambda row: float(row["val_accuracy"]))
+    # The last stage's best epoch: the one whose weights ship, at the tail of the joined history.
+    best = max(history[-len(histories[len(runs) - 1]):], key=lambda row: float(row["val_accuracy"]))
     check_beats_shipped(float(best["val_accuracy"]), configs[-1])
     one_schedule = len(recipes) == 1 and recipes[0] in ONE_SCHEDULE_RECIPES
     command = (ONE_SCHEDULE_RECIPES[recipes[0]] if one_schedule else

@@ -192,6 +192,21 @@ def test_a_run_from_the_shipped_weights_ships_as_their_next_stage(tmp_path, cifa
     assert len((weights / "allcnn-c.history.csv").read_text().splitlines()) == 1 + 5
 
 
+def test_a_next_stage_that_does_not_beat_the_shipped_weights_is_refused_with_its_own_best(tmp_path, cifar_dir,
+                                                                                           monkeypatch):
+    ship, weights = _shipping(tmp_path, monkeypatch)
+    first = _trained_stage(tmp_path, "v3", "release-v3", [0.5, 0.6])
+    monkeypatch.setattr("sys.argv", ["ship_weights.py", str(first), "--data-dir", str(cifar_dir)])
+    ship.main()
+    before = {path.name: path.read_bytes() for path in weights.iterdir()}
+    # Its history joins the shipped one's, whose best (0.6) is no result of this run.
+    later = _trained_stage(tmp_path, "bn", "release-bn-stage2", [0.58, 0.59], initial_weights="shipped")
+    monkeypatch.setattr("sys.argv", ["ship_weights.py", str(later), "--data-dir", str(cifar_dir)])
+    with pytest.raises(SystemExit, match="not shipping: best val_accuracy 0.5900 does not beat 0.6000"):
+        ship.main()
+    assert {path.name: path.read_bytes() for path in weights.iterdir()} == before
+
+
 def test_ship_weights_fails_in_one_line_and_leaves_weights_as_they_were(tmp_path, cifar_dir, monkeypatch, capsys):
     ship, weights = _shipping(tmp_path, monkeypatch)
     run = _trained_stage(tmp_path, "release", "release-stage1", [0.5, 0.6])
