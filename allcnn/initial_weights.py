@@ -26,12 +26,19 @@ UNFOLD_IMAGES = 5000
 @dataclass(frozen=True)
 class StartingWeights:
     """The weights `initial_weights` names: the file, the classes it was trained on, and its
-    network (variant, batch norm) where its run folder or the manifest records it."""
+    network (variant, batch norm) and the CIFAR validation images its run held out (`held_out`:
+    `data.recorded_split` and seed) where its run folder or the manifest records them."""
 
     path: Path
     class_names: tuple[str, ...]
     variant: str | None = None
     batch_norm: bool | None = None
+    held_out: dict | None = None
+
+
+def held_out(config: TrainConfig) -> dict:
+    """The validation images `config` holds out, as one record: equal records, equal images."""
+    return {**data.recorded_split(config.val_size, config.val_split, config.dataset), "seed": config.seed}
 
 
 def starting_weights(config: TrainConfig) -> StartingWeights:
@@ -41,12 +48,14 @@ def starting_weights(config: TrainConfig) -> StartingWeights:
             spec = resolve_weights()
         except WeightsError as e:
             raise RunError(f"initial_weights: {e}") from None
-        return StartingWeights(spec.path, spec.class_names, spec.variant, spec.architecture.get("batch_norm", False))
+        return StartingWeights(spec.path, spec.class_names, spec.variant, spec.architecture.get("batch_norm", False),
+                               {**data.recorded_split(spec.val_size, spec.val_split), "seed": spec.seed})
     path = Path(config.initial_weights)
     source = RunFolder(path.parent)
     trained = source.read_config() if source.has_run() else None
     return StartingWeights(path, source.read_class_names() or data.CLASS_NAMES,
-                           trained.variant if trained else None, trained.batch_norm if trained else None)
+                           trained.variant if trained else None, trained.batch_norm if trained else None,
+                           held_out(trained) if trained and trained.dataset != "folder" else None)
 
 
 def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) -> None:
@@ -68,6 +77,7 @@ def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) 
         described = lambda variant, bn: f"{variant}{' (batch norm)' if bn else ''}"  # noqa: E731
         raise RunError(f"initial_weights: {source.path} are the {described(source.variant, source.batch_norm)} "
                        f"network; this run trains {described(config.variant, config.batch_norm)}")
+    check_held_out(source, config)
     # A file without records: its base must fit this network (the classifier depends on the classes,
     # which the data, loaded later, tells).
     try:
@@ -76,6 +86,23 @@ def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) 
         load_weights(model, source.path, only=base_layers(model))
     except WeightsError as e:
         raise RunError(f"initial_weights: {e}") from None
+
+
+def check_held_out(source: StartingWeights, config: TrainConfig) -> None:
+    """A warm restart on the same CIFAR images must validate on the images its starting
+    weights held out: any other split holds out images they were trained on, and its
+    val_accuracy (which picks the best epoch, and decides whether weights ship) would
+    measure memory, not generalization."""
+    if config.dataset not in ("cifar10", "cifar100") or source.held_out is None:
+        return
+    if source.class_names != (data.CIFAR10 if config.dataset == "cifar10" else data.CIFAR100).class_names:
+        return  # transfer to other classes: other images
+    ours = held_out(config)
+    if ours != source.held_out:
+        theirs, ours = (", ".join(f"{key} {value}" for key, value in split.items()) for split in (source.held_out, ours))
+        raise RunError(f"initial_weights: {source.path} held out {theirs} for validation and were trained on every "
+                       f"other image; this run's {ours} would validate on images they were trained on: train it "
+                       f"with their {theirs}")
 
 
 def load_initial_weights(model: keras.Model, source: StartingWeights, class_names: tuple[str, ...],

@@ -176,13 +176,18 @@ def joined_history(histories: list[list[dict]]) -> list[dict]:
 
 def check_beats_shipped(val_top1: float, config: TrainConfig) -> None:
     """Refuses weights that score no higher on validation than the shipped ones,
-    compared on the same held-out images (the same val_size and seed)."""
+    compared on the same held-out images (the same val_size and seed), and a stage
+    from the shipped weights that held out others (`allcnn train` refuses to start one)."""
     try:
         shipped = manifest_entry(NAME, WEIGHTS)
     except WeightsError:  # nothing shipped yet
         return
     same_split = ((recorded_split(shipped.get("val_size", 0), shipped.get("val_split", 0.0)), shipped.get("seed")) ==
                   (recorded_split(config.val_size, config.val_split), config.seed))
+    if not same_split and config.initial_weights == SHIPPED:
+        sys.exit("error: not shipping: the run went on from the shipped weights but validated on other images than "
+                 "they held out, images they were trained on, so its val_accuracy measures nothing; "
+                 f"{WEIGHTS} is unchanged")
     shipped_val = shipped.get("accuracy", {}).get("val_top1")
     if same_split and shipped_val is not None and val_top1 <= shipped_val:
         sys.exit(f"error: not shipping: best val_accuracy {val_top1:.4f} does not beat {shipped_val:.4f} of the "

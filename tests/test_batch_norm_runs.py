@@ -100,11 +100,11 @@ def test_a_batch_norm_run_starts_from_plain_weights_equal_to_them(tmp_path, cifa
                                keras.ops.convert_to_numpy(plain(images, training=False)), atol=1e-5)
     # The command: a batch-norm recipe from a plain run's weights trains (the reverse is refused).
     recipe = tmp_path / "bn.toml"
-    recipe.write_text(load_config("release-bn", epochs=1, warmup_epochs=0, batch_size=16, val_size=40).to_toml())
+    recipe.write_text(load_config("release-bn", epochs=1, warmup_epochs=0, batch_size=16, val_size=20).to_toml())
     result = CliRunner().invoke(main, ["train", "--config", str(recipe), "--data-dir", str(cifar_dir), "--out",
                                        str(tmp_path / "bn"), "--initial-weights", str(plain_weights)])
     assert result.exit_code == 0, result.output
-    assert "batch norm started from the statistics of 160 training images" in result.output
+    assert "batch norm started from the statistics of 180 training images" in result.output
     result = CliRunner().invoke(main, ["train", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "p"),
                                        "--initial-weights", str(tmp_path / "bn" / "best.weights.h5"), "--epochs", "1"])
     assert result.exit_code == 1 and "are the paper (batch norm) network; this run trains paper" in result.output

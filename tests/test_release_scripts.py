@@ -192,8 +192,8 @@ def test_a_run_from_the_shipped_weights_ships_as_their_next_stage(tmp_path, cifa
     assert len((weights / "allcnn-c.history.csv").read_text().splitlines()) == 1 + 5
 
 
-def test_a_next_stage_that_does_not_beat_the_shipped_weights_is_refused_with_its_own_best(tmp_path, cifar_dir,
-                                                                                           monkeypatch):
+def test_a_next_stage_that_does_not_beat_the_shipped_weights_or_holds_out_other_images_is_refused(tmp_path, cifar_dir,
+                                                                                                   monkeypatch):
     ship, weights = _shipping(tmp_path, monkeypatch)
     first = _trained_stage(tmp_path, "v3", "release-v3", [0.5, 0.6])
     monkeypatch.setattr("sys.argv", ["ship_weights.py", str(first), "--data-dir", str(cifar_dir)])
@@ -203,6 +203,15 @@ def test_a_next_stage_that_does_not_beat_the_shipped_weights_is_refused_with_its
     later = _trained_stage(tmp_path, "bn", "release-bn-stage2", [0.58, 0.59], initial_weights="shipped")
     monkeypatch.setattr("sys.argv", ["ship_weights.py", str(later), "--data-dir", str(cifar_dir)])
     with pytest.raises(SystemExit, match="not shipping: best val_accuracy 0.5900 does not beat 0.6000"):
+        ship.main()
+    assert {path.name: path.read_bytes() for path in weights.iterdir()} == before
+    # Another seed validates on images the shipped weights were trained on: no comparison, whatever it scored.
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "release-bn-seed1.toml").write_text(load_config("release-bn-stage2", seed=1).to_toml())
+    monkeypatch.setattr(ship, "configs_dir", lambda: tmp_path / "configs")
+    other = _trained_stage(tmp_path, "bn-seed1", "release-bn-stage2", [0.99], initial_weights="shipped", seed=1)
+    monkeypatch.setattr("sys.argv", ["ship_weights.py", str(other), "--data-dir", str(cifar_dir)])
+    with pytest.raises(SystemExit, match="validated on other images than they held out"):
         ship.main()
     assert {path.name: path.read_bytes() for path in weights.iterdir()} == before
 

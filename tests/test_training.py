@@ -431,6 +431,13 @@ def test_initial_weights_start_a_warm_restart(cifar_dir, tmp_path, monkeypatch):
                     str(first / "last.weights.h5"), *TINY)
     assert inside.exit_code == 1 and "which --overwrite would delete" in inside.output
     assert (first / "last.weights.h5").is_file()
+    # Another seed holds out other images: some that the first run trained on.
+    other = _train("--data-dir", str(cifar_dir), "--out", str(tmp_path / "other"), "--initial-weights",
+                   str(first / "last.weights.h5"), "--seed", "1", *TINY)
+    assert other.exit_code == 1 and "Traceback" not in other.output
+    assert "held out val_size 40, seed 0 for validation" in other.output
+    assert "this run's val_size 40, seed 1 would validate on images they were trained on" in other.output
+    assert not (tmp_path / "other").exists()
 
     monkeypatch.chdir(tmp_path)  # a relative path is stored absolute, so the run resumes from anywhere
     result = _train("--data-dir", str(cifar_dir), "--out", str(second), "--initial-weights",
