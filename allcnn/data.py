@@ -395,11 +395,17 @@ def recorded_split(val_size: int = 0, val_split: float = 0.0, dataset: str = "ci
     """The validation images that a run's `val_size` and `val_split` hold out (see `hold_out`), as the
     weights manifest records them: the fraction where one is set, else the count, with CIFAR's
     default (0) written out as `CIFAR_VAL_SIZE` so that an entry reads alone and older entries,
-    which wrote 0, compare equal. With the same seed, equal records hold out the same images.
+    which wrote 0, compare equal. With the seed (`held_out_record`), equal records hold out the same images.
     An image folder's default (a fraction, at least one image a class) stays 0."""
     if val_split:
         return {"val_split": val_split}
     return {"val_size": val_size or (0 if dataset == "folder" else CIFAR_VAL_SIZE)}
+
+
+def held_out_record(val_size: int = 0, val_split: float = 0.0, seed: int | None = 0,
+                    dataset: str = "cifar10") -> dict[str, int | float | None]:
+    """`recorded_split` with the seed: equal records hold out the same images of the same data."""
+    return {**recorded_split(val_size, val_split, dataset), "seed": seed}
 
 
 def hold_out(x: np.ndarray, y: np.ndarray, dataset: str, val_size: int = 0, val_split: float = 0.0,

@@ -26,8 +26,8 @@ UNFOLD_IMAGES = 5000
 @dataclass(frozen=True)
 class StartingWeights:
     """The weights `initial_weights` names: the file, the classes it was trained on, and its
-    network (variant, batch norm) and the CIFAR validation images its run held out (`held_out`:
-    `data.recorded_split` and seed) where its run folder or the manifest records them."""
+    network (variant, batch norm) and the CIFAR validation images its run held out (`held_out`,
+    a `data.held_out_record`) where its run folder or the manifest records them."""
 
     path: Path
     class_names: tuple[str, ...]
@@ -37,8 +37,8 @@ class StartingWeights:
 
 
 def held_out(config: TrainConfig) -> dict:
-    """The validation images `config` holds out, as one record: equal records, equal images."""
-    return {**data.recorded_split(config.val_size, config.val_split, config.dataset), "seed": config.seed}
+    """The validation images `config` holds out (`data.held_out_record`)."""
+    return data.held_out_record(config.val_size, config.val_split, config.seed, config.dataset)
 
 
 def starting_weights(config: TrainConfig) -> StartingWeights:
@@ -49,7 +49,7 @@ def starting_weights(config: TrainConfig) -> StartingWeights:
         except WeightsError as e:
             raise RunError(f"initial_weights: {e}") from None
         return StartingWeights(spec.path, spec.class_names, spec.variant, spec.architecture.get("batch_norm", False),
-                               {**data.recorded_split(spec.val_size, spec.val_split), "seed": spec.seed})
+                               data.held_out_record(spec.val_size, spec.val_split, spec.seed))
     path = Path(config.initial_weights)
     source = RunFolder(path.parent)
     trained = source.read_config() if source.has_run() else None

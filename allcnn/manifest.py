@@ -42,7 +42,7 @@ from pathlib import Path
 
 from allcnn import resources
 from allcnn.config import VARIANTS, variant_of
-from allcnn.data import CIFAR_VAL_SIZE, CLASS_NAMES, recorded_split
+from allcnn.data import CIFAR_VAL_SIZE, CLASS_NAMES, held_out_record
 from allcnn.files import atomic_write_text
 from allcnn.preprocessing import Preprocessing
 from allcnn.run_folder import RunFolder
@@ -232,7 +232,7 @@ def write_manifest_entry(
         raise WeightsError("ZCA preprocessing needs its matrix beside the manifest; copy the .zca.npy file by hand")
     entry = {"name": name, "file": weights_file.name, "sha256": sha256(weights_file), "variant": config.variant,
              "batch_norm": config.batch_norm if batch_norm is None else batch_norm, "preprocessing": prep.to_dict(),
-             **recorded_split(config.val_size, config.val_split, config.dataset), "seed": config.seed,
+             **held_out_record(config.val_size, config.val_split, config.seed, config.dataset),
              "accuracy": accuracy, "produced": produced}
     path = weights_file.parent / MANIFEST
     manifest = json.loads(path.read_text()) if path.is_file() else {"weights": []}

@@ -28,7 +28,7 @@ import numpy as np
 
 from allcnn import hardware
 from allcnn.config import EXECUTION_KEYS, SHIPPED, TrainConfig, load_config
-from allcnn.data import CLASS_NAMES, DataError, load_cifar10, recorded_split
+from allcnn.data import CLASS_NAMES, DataError, held_out_record, load_cifar10, recorded_split
 from allcnn.evaluation import metrics
 from allcnn.files import atomic_write, atomic_write_csv, atomic_write_text
 from allcnn.inference import Classifier
@@ -174,17 +174,17 @@ def joined_history(histories: list[list[dict]]) -> list[dict]:
     return [row | {"epoch": str(epoch)} for epoch, row in enumerate(row for rows in histories for row in rows)]
 
 
-def check_beats_shipped(val_top1: float, config: TrainConfig) -> None:
+def check_beats_shipped(val_top1: float, config: TrainConfig, next_stage: bool) -> None:
     """Refuses weights that score no higher on validation than the shipped ones,
-    compared on the same held-out images (the same val_size and seed), and a stage
-    from the shipped weights that held out others (`allcnn train` refuses to start one)."""
+    compared on the same held-out images (the same val_size and seed), and a `next_stage` of
+    the shipped weights that held out others (`allcnn train` refuses to start one)."""
     try:
         shipped = manifest_entry(NAME, WEIGHTS)
     except WeightsError:  # nothing shipped yet
         return
-    same_split = ((recorded_split(shipped.get("val_size", 0), shipped.get("val_split", 0.0)), shipped.get("seed")) ==
-                  (recorded_split(config.val_size, config.val_split), config.seed))
-    if not same_split and config.initial_weights == SHIPPED:
+    same_split = (held_out_record(shipped.get("val_size", 0), shipped.get("val_split", 0.0), shipped.get("seed")) ==
+                  held_out_record(config.val_size, config.val_split, config.seed, config.dataset))
+    if not same_split and next_stage:
         sys.exit("error: not shipping: the run went on from the shipped weights but validated on other images than "
                  "they held out, images they were trained on, so its val_accuracy measures nothing; "
                  f"{WEIGHTS} is unchanged")
@@ -239,7 +239,7 @@ def ship(last_stage: Path, data_dir: str) -> dict:
     _, (x_test, y_test) = load_cifar10(data_dir)
     # The last stage's best epoch: the one whose weights ship, at the tail of the joined history.
     best = max(history[-len(histories[len(runs) - 1]):], key=lambda row: float(row["val_accuracy"]))
-    check_beats_shipped(float(best["val_accuracy"]), configs[-1])
+    check_beats_shipped(float(best["val_accuracy"]), configs[-1], next_stage=bool(before.history))
     one_schedule = len(recipes) == 1 and recipes[0] in ONE_SCHEDULE_RECIPES
     command = (ONE_SCHEDULE_RECIPES[recipes[0]] if one_schedule else
                "allcnn train --config RECIPE, each stage with --initial-weights PREVIOUS_STAGE/last.weights.h5 "
