@@ -92,6 +92,8 @@ CIFAR10 = CifarLayout("CIFAR-10", FOLDER, ARCHIVE, TRAIN_FILES, TEST_FILE, META_
                       CLASS_NAMES, "cifar10")
 CIFAR100 = CifarLayout("CIFAR-100", "cifar-100-python", "cifar-100-python.tar.gz", ("train",), "test", "meta",
                        b"fine_labels", b"fine_label_names", CIFAR100_CLASS_NAMES, "cifar100")
+# The layout of each CIFAR dataset, by its name in `config.DATASETS`.
+CIFAR_LAYOUTS = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 
 
 class DataError(AllcnnError):
@@ -364,7 +366,7 @@ def load_dataset(name: str = "auto", data_dir: str | os.PathLike | None = None, 
             raise ConfigError(f"--test-dir is for image-folder datasets; {name} has its own test split")
         if image_size != 32:
             raise ConfigError(f"image_size: {name} images are 32x32; other sizes are for image-folder datasets")
-        layout = CIFAR10 if name == "cifar10" else CIFAR100
+        layout = CIFAR_LAYOUTS[name]
         train, test = load_cifar(layout, data_dir)
         return Dataset(name, train, test, layout.class_names)
     data_dir = data_dir or os.environ.get(ENV_VAR)

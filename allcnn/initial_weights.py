@@ -93,10 +93,9 @@ def check_held_out(source: StartingWeights, config: TrainConfig) -> None:
     weights held out: any other split holds out images they were trained on, and its
     val_accuracy (which picks the best epoch, and decides whether weights ship) would
     measure memory, not generalization."""
-    if config.dataset not in ("cifar10", "cifar100") or source.held_out is None:
-        return
-    if source.class_names != (data.CIFAR10 if config.dataset == "cifar10" else data.CIFAR100).class_names:
-        return  # transfer to other classes: other images
+    layout = data.CIFAR_LAYOUTS.get(config.dataset)
+    if layout is None or source.held_out is None or source.class_names != layout.class_names:
+        return  # an image folder, no record, or transfer to other classes: other images
     ours = held_out(config)
     if ours != source.held_out:
         theirs, ours = (", ".join(f"{key} {value}" for key, value in split.items()) for split in (source.held_out, ours))
