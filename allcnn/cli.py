@@ -108,6 +108,8 @@ def main(debug: bool) -> None:
 @click.option("--initial-weights", metavar="PATH|shipped",
               help="Start from these weights (shipped: ours, CIFAR-10) instead of a random init: all layers for "
                    "the same classes, else all but the classifier (transfer learning).")
+@click.option("--teacher", metavar="PATH|shipped",
+              help="Distillation: train on these weights' predictions (flip-averaged) instead of the labels.")
 @click.option("--freeze-base/--no-freeze-base", default=None,
               help="Train only the classifier (the last 1x1 conv); the base keeps its initial weights.")
 @click.option("--head-epochs", type=click.IntRange(min=0),
@@ -163,8 +165,9 @@ def train(config_path, data_dir, test_dir, out, resume, overwrite, test, coordin
     with user_errors():
         if resume and overwrite:  # before joining a cluster, which may wait for the other processes
             raise ConfigError(f"--resume continues the run in {out}; drop --overwrite")
-        if flags["initial_weights"] not in (None, "", SHIPPED):  # absolute: the run's config.toml works anywhere
-            flags["initial_weights"] = str(Path(flags["initial_weights"]).resolve())
+        for key in ("initial_weights", "teacher"):  # absolute: the run's config.toml works anywhere
+            if flags[key] not in (None, "", SHIPPED):
+                flags[key] = str(Path(flags[key]).resolve())
         # The recipe is read with tomllib alone: a broken one is refused before TensorFlow starts.
         config = None if resume else load_config(config_path, **flags)
         _import_keras_quietly()

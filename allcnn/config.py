@@ -94,6 +94,9 @@ class TrainConfig:
     # Cutout (DeVries & Taylor, 2017): each training image loses a random square of this
     # side (0: none), centred on a random pixel.
     cutout: int = 0
+    # Mixup (Zhang et al., 2018): each training image and its target are mixed with another's of
+    # the batch, weighted by a draw from Beta(mixup, mixup) (1.0: uniform); 0: none.
+    mixup: float = 0.0
     preprocessing: str = "standardize"
     input_dropout: float = 0.2
     dropout: float = 0.5
@@ -109,6 +112,10 @@ class TrainConfig:
     # warm restart, e.g. a second cosine cycle from a run's last.weights.h5); on other
     # classes every layer but the classifier (the last 1x1 conv) loads, the classifier starts random.
     initial_weights: str = ""
+    # Distillation: the training images' targets are the predictions of these weights (a file, or
+    # "shipped"), averaged as `teacher_tta` says, instead of their labels ("" : the labels).
+    teacher: str = ""
+    teacher_tta: str = "flip"
     # Transfer learning: train only the classifier (the last 1x1 conv), the base frozen.
     freeze_base: bool = False
     # Transfer learning as the Keras guide does it, in one run: `head_epochs` epochs of the
@@ -146,6 +153,7 @@ class TrainConfig:
             "preprocessing": PREPROCESSINGS,
             "distribute": DISTRIBUTE_MODES,
             "lr_scaling": LR_SCALINGS,
+            "teacher_tta": TTA_MODES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -159,7 +167,8 @@ class TrainConfig:
         for key in ("lr", "head_lr"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
-        for key in ("weight_decay", "time_decay", "warmup_epochs", "translate", "cutout", "head_epochs", "val_size"):
+        for key in ("weight_decay", "time_decay", "warmup_epochs", "translate", "cutout", "mixup", "head_epochs",
+                    "val_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must not be negative, got {getattr(self, key)}")
         for key in ("label_smoothing", "input_dropout", "dropout", "momentum", "ema_momentum", "val_split"):

@@ -25,7 +25,7 @@ UNFOLD_IMAGES = 5000
 
 @dataclass(frozen=True)
 class StartingWeights:
-    """The weights `initial_weights` names: the file, the classes it was trained on, and its
+    """The weights `initial_weights` (or a `teacher`) names: the file, the classes it was trained on, and its
     network (variant, batch norm) and the CIFAR validation images its run held out (`held_out`,
     a `data.held_out_record`) where its run folder or the manifest records them."""
 
@@ -42,15 +42,21 @@ def held_out(config: TrainConfig) -> dict:
 
 
 def starting_weights(config: TrainConfig) -> StartingWeights:
-    """Resolves `initial_weights`: `SHIPPED` through the manifest (sha256-checked), a file with its run folder."""
-    if config.initial_weights == SHIPPED:
+    """Resolves `initial_weights` (see `weights_source`)."""
+    return weights_source(config.initial_weights, "initial_weights")
+
+
+def weights_source(weights: str, key: str) -> StartingWeights:
+    """Resolves the weights a recipe's `key` names: `SHIPPED` through the manifest
+    (sha256-checked), a file with its run folder."""
+    if weights == SHIPPED:
         try:
             spec = resolve_weights()
         except WeightsError as e:
-            raise RunError(f"initial_weights: {e}") from None
+            raise RunError(f"{key}: {e}") from None
         return StartingWeights(spec.path, spec.class_names, spec.variant, spec.architecture.get("batch_norm", False),
                                data.held_out_record(spec.val_size, spec.val_split, spec.seed))
-    path = Path(config.initial_weights)
+    path = Path(weights)
     source = RunFolder(path.parent)
     trained = source.read_config() if source.has_run() else None
     return StartingWeights(path, source.read_class_names() or data.CLASS_NAMES,
@@ -63,12 +69,7 @@ def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) 
     run's network, and survive --overwrite (one inside the folder would be deleted with it)."""
     if not config.initial_weights:
         return
-    if config.initial_weights != SHIPPED:
-        path = Path(config.initial_weights).resolve()
-        if not path.is_file():
-            raise RunError(f"initial_weights: no such weights file {config.initial_weights}")
-        if overwrite and run.path.resolve() in path.parents:
-            raise RunError(f"initial_weights: {path} is inside {run}, which --overwrite would delete; copy it out first")
+    check_weights_file(run, config.initial_weights, "initial_weights", overwrite)
     source = starting_weights(config)
     # Some variants have the same weight shapes (paper, tutorial, convpool-cnn-c): only the record
     # tells them apart. Plain weights start a batch-norm run (see `load_initial_weights`); batch-norm
@@ -88,9 +89,20 @@ def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) 
         raise RunError(f"initial_weights: {e}") from None
 
 
-def check_held_out(source: StartingWeights, config: TrainConfig) -> None:
-    """A warm restart on the same CIFAR images must validate on the images its starting
-    weights held out: any other split holds out images they were trained on, and its
+def check_weights_file(run: RunFolder, weights: str, key: str, overwrite: bool) -> None:
+    """The file a recipe's `key` names (unless `SHIPPED`) exists and survives --overwrite of `run`."""
+    if weights == SHIPPED:
+        return
+    path = Path(weights).resolve()
+    if not path.is_file():
+        raise RunError(f"{key}: no such weights file {weights}")
+    if overwrite and run.path.resolve() in path.parents:
+        raise RunError(f"{key}: {path} is inside {run}, which --overwrite would delete; copy it out first")
+
+
+def check_held_out(source: StartingWeights, config: TrainConfig, key: str = "initial_weights") -> None:
+    """A warm restart (or a teacher, `key`) on the same CIFAR images must validate on the images
+    its weights held out: any other split holds out images they were trained on, and its
     val_accuracy (which picks the best epoch, and decides whether weights ship) would
     measure memory, not generalization."""
     layout = data.CIFAR_LAYOUTS.get(config.dataset)
@@ -99,7 +111,7 @@ def check_held_out(source: StartingWeights, config: TrainConfig) -> None:
     ours = held_out(config)
     if ours != source.held_out:
         theirs, ours = (", ".join(f"{key} {value}" for key, value in split.items()) for split in (source.held_out, ours))
-        raise RunError(f"initial_weights: {source.path} held out {theirs} for validation and were trained on every "
+        raise RunError(f"{key}: {source.path} held out {theirs} for validation and were trained on every "
                        f"other image; this run's {ours} would validate on images they were trained on: train it "
                        f"with their {theirs}")
 

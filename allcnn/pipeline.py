@@ -45,6 +45,20 @@ def augment(images: np.ndarray, rng: np.random.Generator, flip: bool, translate:
     return images
 
 
+def mixup(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+          alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mixup (Zhang et al., 2018): each image and its label become a convex combination with
+    those of another image of the batch, weighted by a draw from Beta(alpha, alpha) per image."""
+    weight = rng.beta(alpha, alpha, len(images)).astype(np.float32)
+    partner = rng.permutation(len(images))
+
+    def mixed(a: np.ndarray) -> np.ndarray:  # w * a + (1 - w) * a[partner], w broadcast over a's other axes
+        w = weight.reshape(-1, *[1] * (a.ndim - 1))
+        return (w * (a - a[partner]) + a[partner]).astype(np.float32)
+
+    return mixed(images), mixed(labels)
+
+
 class CifarBatches(keras.utils.PyDataset):
     """Preprocessed (and optionally augmented) batches of one split.
 
@@ -55,6 +69,8 @@ class CifarBatches(keras.utils.PyDataset):
         batch_size: images per (global) batch; the last batch may be smaller
             unless `drop_remainder`.
         shuffle, flip, translate, cutout: training-time randomness.
+        mixup: Beta(mixup, mixup) mixes each training image and target with
+            another's of its batch (`mixup`); 0: no mixing.
         seed: the run's seed.
         shard: (index, count): this process's part of every batch in a
             multi-process run. The whole batch is drawn and augmented in every
@@ -83,6 +99,7 @@ class CifarBatches(keras.utils.PyDataset):
         flip: bool = False,
         translate: int = 0,
         cutout: int = 0,
+        mixup: float = 0.0,
         seed: int = 0,
         shard: tuple[int, int] = (0, 1),
         drop_remainder: bool = False,
@@ -94,6 +111,7 @@ class CifarBatches(keras.utils.PyDataset):
         self.y = np.asarray(labels, dtype=np.float32)
         self.batch_size = batch_size
         self.shuffle, self.flip, self.translate, self.cutout, self.seed = shuffle, flip, translate, cutout, seed
+        self.mixup = mixup
         self.shard, self.drop_remainder = shard, drop_remainder
         self.epoch = 0
         self._order = self._order_for(0)
@@ -116,16 +134,19 @@ class CifarBatches(keras.utils.PyDataset):
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
 
     def sample(self, count: int) -> np.ndarray:
-        """`count` of the split's images as training sees them, preprocessed and augmented, but
+        """`count` of the split's images as training sees them, preprocessed, augmented and mixed, but
         unsharded: the same in every process and every epoch (the first of the seed's epoch-0
         order, under augmentation of their own)."""
-        return self._augmented(self.x[self._order_for(0)[:count]], 0, 0, 2)
+        picked = self._order_for(0)[:count]
+        return self._augmented(self.x[picked], self.y[picked], 0, 0, 2)[0]
 
-    def _augmented(self, x: np.ndarray, *key: int) -> np.ndarray:
-        """`x` under the split's augmentation, drawn from the seed and `key`."""
-        if not (self.flip or self.translate or self.cutout):
-            return x
-        return augment(x, np.random.default_rng([self.seed, *key]), self.flip, self.translate, self.cutout)
+    def _augmented(self, x: np.ndarray, y: np.ndarray, *key: int) -> tuple[np.ndarray, np.ndarray]:
+        """`x` and their targets `y` under the split's augmentation and mixup, drawn from the seed and `key`."""
+        if self.flip or self.translate or self.cutout:
+            x = augment(x, np.random.default_rng([self.seed, *key]), self.flip, self.translate, self.cutout)
+        if self.mixup:
+            x, y = mixup(x, y, np.random.default_rng([self.seed, *key, 3]), self.mixup)
+        return x, y
 
     def __len__(self) -> int:
         rounding = math.floor if self.drop_remainder else math.ceil
@@ -142,7 +163,7 @@ class CifarBatches(keras.utils.PyDataset):
     def _batch(self, order: np.ndarray, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Batch `index` of `epoch`, whose data order is `order`."""
         picked = order[index * self.batch_size : (index + 1) * self.batch_size]
-        x, y = self._augmented(self.x[picked], epoch, index, 1), self.y[picked]
+        x, y = self._augmented(self.x[picked], self.y[picked], epoch, index, 1)
         index, count = self.shard
         if count > 1:
             part = len(picked) // count

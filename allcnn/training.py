@@ -30,6 +30,7 @@ from allcnn.optim import compile_model
 from allcnn.pipeline import CifarBatches, EpochSeeder
 from allcnn.preprocessing import fit_preprocessing
 from allcnn.run_folder import RunError, RunFolder, best_val_accuracy
+from allcnn.teacher import check_teacher, teacher_targets
 from allcnn.weights_io import load_weights
 
 VAL_BATCH = 500
@@ -60,6 +61,7 @@ def train(config: TrainConfig, out, *, data_dir=None, test_dir=None, overwrite: 
     # Recorded as resolved, so that the run folder says what it trained on (resume and evaluate read it).
     config = dataclasses.replace(config, dataset=data.resolve_dataset(config.dataset, data_dir))
     check_initial_weights(run, config, overwrite)
+    check_teacher(run, config, overwrite)
     return _fit(run, config, data_dir, test_dir, test,
                 prepare=lambda layout, names: run.create(config, layout, overwrite, names))
 
@@ -165,7 +167,7 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
     names = dataset.class_names
     if replicas.is_chief:
         prepare(layout, names)
-    train_batches, val_batches = make_batches(config, run, train_split, val_split, replicas, layout, len(names))
+    train_batches, val_batches = make_batches(config, run, train_split, val_split, replicas, layout, names)
     start_epoch = run.restored_epoch()
     if replicas.is_chief and start_epoch < config.total_epochs:
         run.record_session(start_epoch, hardware.describe(gpu), policy, keras.backend.backend())
@@ -237,14 +239,17 @@ def _fit_phase(model: keras.Model, run: RunFolder, phase: Phase, lr: float, star
 
 
 def make_batches(config: TrainConfig, run: RunFolder, train_split: tuple, val_split: tuple, replicas: Replicas,
-                 layout: dict, classes: int) -> tuple[CifarBatches, CifarBatches]:
-    """This process's training and validation batches, preprocessed as in the run folder."""
+                 layout: dict, class_names: tuple[str, ...]) -> tuple[CifarBatches, CifarBatches]:
+    """This process's training and validation batches, preprocessed as in the run folder; the
+    training targets are the labels, or with a `teacher` its predictions (validation keeps the labels)."""
     prep = run.read_preprocessing()
     if prep is None:
         prep = fit_preprocessing(config.preprocessing, train_split[0])
         if replicas.is_chief:
             run.write_preprocessing(prep)
-    one_hot = lambda y: keras.utils.to_categorical(y, classes)  # noqa: E731
+    one_hot = lambda y: keras.utils.to_categorical(y, len(class_names))  # noqa: E731
+    targets = (teacher_targets(run, config, train_split[0], class_names, write=replicas.is_chief) if config.teacher
+               else one_hot(train_split[1]))
     # JAX splits every batch evenly over the devices: drop a ragged last training
     # batch, and validate in batches that divide over the replicas.
     even = replicas.mode == "data-parallel"
@@ -253,10 +258,11 @@ def make_batches(config: TrainConfig, run: RunFolder, train_split: tuple, val_sp
                        f"choose a --val-size divisible by {replicas.count}")
     shard = (replicas.process_id, replicas.processes)
     augment = config.augment
-    train_batches = CifarBatches(train_split[0], one_hot(train_split[1]), prep, layout["global_batch_size"],
+    train_batches = CifarBatches(train_split[0], targets, prep, layout["global_batch_size"],
                                  shuffle=True, flip=augment and config.flip,
                                  translate=config.translate if augment else 0,
-                                 cutout=config.cutout if augment else 0, seed=config.seed,
+                                 cutout=config.cutout if augment else 0, mixup=config.mixup if augment else 0.0,
+                                 seed=config.seed,
                                  shard=shard, drop_remainder=even, threads=config.data_workers)
     val_batch = replicas.count * max(1, VAL_BATCH // replicas.count)
     val_batches = CifarBatches(val_split[0], one_hot(val_split[1]), prep, val_batch, shard=shard)

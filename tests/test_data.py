@@ -267,3 +267,23 @@ def test_missing_or_damaged_preprocessing_file_is_one_line(tmp_path):
     (tmp_path / "bad.json").write_text("{bad")
     with pytest.raises(AllcnnError, match=f"{tmp_path / 'bad.json'}: damaged preprocessing file"):
         Preprocessing.load(tmp_path / "bad.json")
+
+
+def test_mixup_mixes_each_image_and_its_target_with_another_of_its_batch_alike():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    labels = np.eye(32, dtype=np.float32)  # one class per image: a mixed target names both images and weights
+    prep = fit_preprocessing("scale", images)
+    mixed = CifarBatches(images, labels, prep, 32, shuffle=True, seed=5, mixup=1.0)
+    plain = CifarBatches(images, labels, prep, 32, shuffle=True, seed=5)
+    (x, y), (x_mixed, y_mixed) = plain[0], mixed[0]
+    np.testing.assert_allclose(y_mixed.sum(axis=1), 1, atol=1e-6)
+    own, partner = y.argmax(axis=1), np.argsort(-(y_mixed - y * y_mixed), axis=1)[:, 0]
+    weight = y_mixed[np.arange(32), own]
+    assert 0.3 < weight.mean() < 0.7 and (weight < 0.99).mean() > 0.8  # Beta(1, 1): uniform
+    where = {label: row for row, label in enumerate(own)}
+    expected = weight[:, None, None, None] * x + (1 - weight[:, None, None, None]) * x[[where[p] for p in partner]]
+    mixed_rows = weight < 1 - 1e-6
+    np.testing.assert_allclose(x_mixed[mixed_rows], expected[mixed_rows], atol=1e-5)
+    np.testing.assert_array_equal(mixed[0][0], x_mixed)  # keyed by (seed, epoch, index): the same again
+    assert not np.allclose(mixed.sample(16), plain.sample(16))  # batch norm statistics see mixed images too

@@ -141,11 +141,12 @@ def test_training_batches_take_the_recipes_cutout(augment, cutout, tmp_path):
     from allcnn.config import make_config
     from allcnn.distribute import Replicas
     from allcnn.run_folder import RunFolder
+    from allcnn.data import CLASS_NAMES
     from allcnn.training import make_batches
 
     split = (np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), np.zeros(8, int))
     train, val = make_batches(make_config(cutout=16, augment=augment), RunFolder(tmp_path), split, split,
-                              Replicas("none", ["cpu:0"]), {"global_batch_size": 4}, 10)
+                              Replicas("none", ["cpu:0"]), {"global_batch_size": 4}, CLASS_NAMES)
     assert (train.cutout, val.cutout) == (cutout, 0)
 
 
@@ -448,6 +449,51 @@ def test_initial_weights_start_a_warm_restart(cifar_dir, tmp_path, monkeypatch):
     # Same seed and data: only the starting weights differ from the first run's epoch 1.
     warm = float(next(csv.DictReader(open(second / "history.csv")))["loss"])
     assert warm < float(next(csv.DictReader(open(first / "history.csv")))["loss"])
+
+
+def test_a_teacher_s_flip_averaged_predictions_are_the_training_targets(cifar_dir, tmp_path):
+    from allcnn import data
+    from allcnn.model import load_classifier
+
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    assert _train("--data-dir", str(cifar_dir), "--out", str(teacher), *TINY).exit_code == 0
+    weights = str(teacher / "last.weights.h5")
+    missing = _train("--data-dir", str(cifar_dir), "--out", str(student), "--teacher", str(tmp_path / "no.h5"), *TINY)
+    assert missing.exit_code == 1 and "teacher: no such weights file" in missing.output
+    # A teacher that trained on this run's validation images would tell the student their labels.
+    other = _train("--data-dir", str(cifar_dir), "--out", str(student), "--teacher", weights, "--seed", "1", *TINY)
+    assert other.exit_code == 1 and "Traceback" not in other.output
+    assert "teacher: " in other.output and "would validate on images they were trained on" in other.output
+    assert not student.exists()
+
+    result = _train("--data-dir", str(cifar_dir), "--out", str(student), "--teacher", weights, *TINY)
+    assert result.exit_code == 0, result.output
+    config = RunFolder(student).read_config()
+    assert (config.teacher, config.teacher_tta) == (weights, "flip")
+    train_images = data.load_splits(config, cifar_dir, None)[1][0]
+    expected = load_classifier(weights, precision="float32").probabilities(train_images, tta="flip")
+    targets = np.load(student / "teacher_targets.npy")
+    np.testing.assert_allclose(targets, expected, atol=1e-6)
+    assert not np.allclose(targets, load_classifier(weights, precision="float32").probabilities(train_images))
+
+
+def test_training_batches_take_a_teacher_s_targets_from_the_run_folder(tmp_path):
+    """A resumed run trains on the targets its first session computed, even where the teacher's
+    file has changed since (the shipped weights, replaced by the run it taught) or is gone."""
+    from allcnn.config import make_config
+    from allcnn.data import CLASS_NAMES
+    from allcnn.distribute import Replicas
+    from allcnn.training import make_batches
+
+    rng = np.random.default_rng(0)
+    split = (rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), np.zeros(8, int))
+    stored = rng.dirichlet(np.ones(10), 8).astype(np.float32)
+    np.save(tmp_path / "teacher_targets.npy", stored)
+    config = make_config(teacher=str(tmp_path / "gone.weights.h5"))
+    train, val = make_batches(config, RunFolder(tmp_path), split, split, Replicas("none", ["cpu:0"]),
+                              {"global_batch_size": 4}, CLASS_NAMES)
+    np.testing.assert_array_equal(train.y, stored)
+    np.testing.assert_array_equal(val.y[:, 0], np.ones(8))  # validation keeps the labels
 
 
 def test_out_that_is_a_file_is_one_line(cifar_dir, tmp_path):
