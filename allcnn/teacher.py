@@ -28,19 +28,24 @@ def check_teacher(run: RunFolder, config: TrainConfig, overwrite: bool) -> None:
         check_held_out(weights_source(config.teacher, "teacher"), config, "teacher")
 
 
-def teacher_targets(run: RunFolder, config: TrainConfig, images: np.ndarray, class_names: tuple[str, ...],
+def check_teacher_classes(config: TrainConfig, class_names: tuple[str, ...]) -> None:
+    """Once the data has told the classes, before the run folder is made: the teacher predicts them."""
+    taught = weights_source(config.teacher, "teacher").class_names if config.teacher else class_names
+    if tuple(taught) != tuple(class_names):
+        raise RunError(f"teacher: {config.teacher} predicts the classes {', '.join(taught)}; "
+                       f"this run trains on {', '.join(class_names)}")
+
+
+def teacher_targets(run: RunFolder, config: TrainConfig, images: np.ndarray, classes: int,
                     write: bool = True) -> np.ndarray:
     """float32 (N, classes): the teacher's probabilities for the training `images`, from the run
     folder where an earlier session kept them (written there, if `write`, the first time)."""
     path = run.path / "teacher_targets.npy"
     if path.exists():
         targets = np.load(path)
-        if targets.shape == (len(images), len(class_names)):
+        if targets.shape == (len(images), classes):
             return targets
     classifier = load_classifier(None if config.teacher == SHIPPED else config.teacher, precision="float32")
-    if tuple(classifier.class_names) != tuple(class_names):
-        raise RunError(f"teacher: {config.teacher} predicts the classes {', '.join(classifier.class_names)}; "
-                       f"this run trains on {', '.join(class_names)}")
     print(f"teacher: {classifier.spec.path} ({'flip-averaged ' * (config.teacher_tta == 'flip')}"
           f"predictions on {len(images)} training images)")
     targets = classifier.probabilities(images, tta=config.teacher_tta)

@@ -30,7 +30,7 @@ from allcnn.optim import compile_model
 from allcnn.pipeline import CifarBatches, EpochSeeder
 from allcnn.preprocessing import fit_preprocessing
 from allcnn.run_folder import RunError, RunFolder, best_val_accuracy
-from allcnn.teacher import check_teacher, teacher_targets
+from allcnn.teacher import check_teacher, check_teacher_classes, teacher_targets
 from allcnn.weights_io import load_weights
 
 VAL_BATCH = 500
@@ -165,6 +165,7 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
     if test and dataset.test is None:
         raise ConfigError("--test: this image folder has no test split; pass --test-dir DIR (same class folders)")
     names = dataset.class_names
+    check_teacher_classes(config, names)
     if replicas.is_chief:
         prepare(layout, names)
     train_batches, val_batches = make_batches(config, run, train_split, val_split, replicas, layout, names)
@@ -248,7 +249,7 @@ def make_batches(config: TrainConfig, run: RunFolder, train_split: tuple, val_sp
         if replicas.is_chief:
             run.write_preprocessing(prep)
     one_hot = lambda y: keras.utils.to_categorical(y, len(class_names))  # noqa: E731
-    targets = (teacher_targets(run, config, train_split[0], class_names, write=replicas.is_chief) if config.teacher
+    targets = (teacher_targets(run, config, train_split[0], len(class_names), write=replicas.is_chief) if config.teacher
                else one_hot(train_split[1]))
     # JAX splits every batch evenly over the devices: drop a ragged last training
     # batch, and validate in batches that divide over the replicas.

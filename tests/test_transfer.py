@@ -132,6 +132,14 @@ def test_initial_weights_of_another_network_are_refused_before_anything_is_writt
     assert result.output.count("Error: ") == 1 and not out.exists(), result.output
 
 
+def test_a_teacher_of_other_classes_is_refused_before_anything_is_written(photos, tmp_path):
+    out = tmp_path / "run"
+    result = _train("--data-dir", photos, "--out", out, "--teacher", "shipped", "--epochs", "1", *FAST)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "teacher: shipped predicts the classes airplane, automobile" in result.output
+    assert "this run trains on " in result.output and not out.exists()
+
+
 def test_freeze_base_trains_the_classifier_alone(photos, tmp_path):
     import keras
 
