@@ -30,7 +30,9 @@ def check_teacher(run: RunFolder, config: TrainConfig, overwrite: bool) -> None:
 
 def check_teacher_classes(config: TrainConfig, class_names: tuple[str, ...]) -> None:
     """Once the data has told the classes, before the run folder is made: the teacher predicts them."""
-    taught = weights_source(config.teacher, "teacher").class_names if config.teacher else class_names
+    if not config.teacher:
+        return
+    taught = weights_source(config.teacher, "teacher").class_names
     if tuple(taught) != tuple(class_names):
         raise RunError(f"teacher: {config.teacher} predicts the classes {', '.join(taught)}; "
                        f"this run trains on {', '.join(class_names)}")

@@ -168,7 +168,7 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
     check_teacher_classes(config, names)
     if replicas.is_chief:
         prepare(layout, names)
-    train_batches, val_batches = make_batches(config, run, train_split, val_split, replicas, layout, names)
+    train_batches, val_batches = make_batches(config, run, train_split, val_split, replicas, layout, len(names))
     start_epoch = run.restored_epoch()
     if replicas.is_chief and start_epoch < config.total_epochs:
         run.record_session(start_epoch, hardware.describe(gpu), policy, keras.backend.backend())
@@ -240,7 +240,7 @@ def _fit_phase(model: keras.Model, run: RunFolder, phase: Phase, lr: float, star
 
 
 def make_batches(config: TrainConfig, run: RunFolder, train_split: tuple, val_split: tuple, replicas: Replicas,
-                 layout: dict, class_names: tuple[str, ...]) -> tuple[CifarBatches, CifarBatches]:
+                 layout: dict, classes: int) -> tuple[CifarBatches, CifarBatches]:
     """This process's training and validation batches, preprocessed as in the run folder; the
     training targets are the labels, or with a `teacher` its predictions (validation keeps the labels)."""
     prep = run.read_preprocessing()
@@ -248,8 +248,8 @@ def make_batches(config: TrainConfig, run: RunFolder, train_split: tuple, val_sp
         prep = fit_preprocessing(config.preprocessing, train_split[0])
         if replicas.is_chief:
             run.write_preprocessing(prep)
-    one_hot = lambda y: keras.utils.to_categorical(y, len(class_names))  # noqa: E731
-    targets = (teacher_targets(run, config, train_split[0], len(class_names), write=replicas.is_chief) if config.teacher
+    one_hot = lambda y: keras.utils.to_categorical(y, classes)  # noqa: E731
+    targets = (teacher_targets(run, config, train_split[0], classes, write=replicas.is_chief) if config.teacher
                else one_hot(train_split[1]))
     # JAX splits every batch evenly over the devices: drop a ragged last training
     # batch, and validate in batches that divide over the replicas.

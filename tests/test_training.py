@@ -141,12 +141,11 @@ def test_training_batches_take_the_recipes_cutout(augment, cutout, tmp_path):
     from allcnn.config import make_config
     from allcnn.distribute import Replicas
     from allcnn.run_folder import RunFolder
-    from allcnn.data import CLASS_NAMES
     from allcnn.training import make_batches
 
     split = (np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), np.zeros(8, int))
     train, val = make_batches(make_config(cutout=16, augment=augment), RunFolder(tmp_path), split, split,
-                              Replicas("none", ["cpu:0"]), {"global_batch_size": 4}, CLASS_NAMES)
+                              Replicas("none", ["cpu:0"]), {"global_batch_size": 4}, 10)
     assert (train.cutout, val.cutout) == (cutout, 0)
 
 
@@ -481,7 +480,6 @@ def test_training_batches_take_a_teacher_s_targets_from_the_run_folder(tmp_path)
     """A resumed run trains on the targets its first session computed, even where the teacher's
     file has changed since (the shipped weights, replaced by the run it taught) or is gone."""
     from allcnn.config import make_config
-    from allcnn.data import CLASS_NAMES
     from allcnn.distribute import Replicas
     from allcnn.training import make_batches
 
@@ -491,7 +489,7 @@ def test_training_batches_take_a_teacher_s_targets_from_the_run_folder(tmp_path)
     np.save(tmp_path / "teacher_targets.npy", stored)
     config = make_config(teacher=str(tmp_path / "gone.weights.h5"))
     train, val = make_batches(config, RunFolder(tmp_path), split, split, Replicas("none", ["cpu:0"]),
-                              {"global_batch_size": 4}, CLASS_NAMES)
+                              {"global_batch_size": 4}, 10)
     np.testing.assert_array_equal(train.y, stored)
     np.testing.assert_array_equal(val.y[:, 0], np.ones(8))  # validation keeps the labels
 
