@@ -20,22 +20,18 @@ from allcnn.model import load_classifier
 from allcnn.run_folder import RunError, RunFolder
 
 
-def check_teacher(run: RunFolder, config: TrainConfig, overwrite: bool) -> None:
-    """Before the run folder is made: the teacher exists and did not train on this run's
-    validation images (its predictions would tell the student their labels)."""
-    if config.teacher:
-        check_weights_file(run, config.teacher, "teacher", overwrite)
-        check_held_out(weights_source(config.teacher, "teacher"), config, "teacher")
-
-
-def check_teacher_classes(config: TrainConfig, class_names: tuple[str, ...]) -> None:
-    """Once the data has told the classes, before the run folder is made: the teacher predicts them."""
+def check_teacher(run: RunFolder, config: TrainConfig, overwrite: bool, class_names: tuple[str, ...]) -> None:
+    """Before a new run's folder is made, once the data has told its classes: the teacher exists,
+    predicts these classes, and did not train on this run's validation images (its predictions
+    would tell the student their labels). A resumed run has its targets and needs no teacher."""
     if not config.teacher:
         return
-    taught = weights_source(config.teacher, "teacher").class_names
-    if tuple(taught) != tuple(class_names):
-        raise RunError(f"teacher: {config.teacher} predicts the classes {', '.join(taught)}; "
+    check_weights_file(run, config.teacher, "teacher", overwrite)
+    source = weights_source(config.teacher, "teacher")
+    if tuple(source.class_names) != tuple(class_names):
+        raise RunError(f"teacher: {config.teacher} predicts the classes {', '.join(source.class_names)}; "
                        f"this run trains on {', '.join(class_names)}")
+    check_held_out(source, config, "teacher")
 
 
 def teacher_targets(run: RunFolder, config: TrainConfig, images: np.ndarray, classes: int,

@@ -30,7 +30,7 @@ from allcnn.optim import compile_model
 from allcnn.pipeline import CifarBatches, EpochSeeder
 from allcnn.preprocessing import fit_preprocessing
 from allcnn.run_folder import RunError, RunFolder, best_val_accuracy
-from allcnn.teacher import check_teacher, check_teacher_classes, teacher_targets
+from allcnn.teacher import check_teacher, teacher_targets
 from allcnn.weights_io import load_weights
 
 VAL_BATCH = 500
@@ -61,9 +61,12 @@ def train(config: TrainConfig, out, *, data_dir=None, test_dir=None, overwrite: 
     # Recorded as resolved, so that the run folder says what it trained on (resume and evaluate read it).
     config = dataclasses.replace(config, dataset=data.resolve_dataset(config.dataset, data_dir))
     check_initial_weights(run, config, overwrite)
-    check_teacher(run, config, overwrite)
-    return _fit(run, config, data_dir, test_dir, test,
-                prepare=lambda layout, names: run.create(config, layout, overwrite, names))
+
+    def prepare(layout: dict, names: tuple[str, ...]) -> None:
+        check_teacher(run, config, overwrite, names)
+        run.create(config, layout, overwrite, names)
+
+    return _fit(run, config, data_dir, test_dir, test, prepare=prepare)
 
 
 def resume(out, *, data_dir=None, test_dir=None, test: bool = False, recipe: str | None = None, **flags) -> dict:
@@ -165,7 +168,6 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
     if test and dataset.test is None:
         raise ConfigError("--test: this image folder has no test split; pass --test-dir DIR (same class folders)")
     names = dataset.class_names
-    check_teacher_classes(config, names)
     if replicas.is_chief:
         prepare(layout, names)
     train_batches, val_batches = make_batches(config, run, train_split, val_split, replicas, layout, len(names))
