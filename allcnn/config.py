@@ -97,6 +97,9 @@ class TrainConfig:
     # Mixup (Zhang et al., 2018): each training image and its target are mixed with another's of
     # the batch, weighted by a draw from Beta(mixup, mixup) (1.0: uniform); 0: none.
     mixup: float = 0.0
+    # Sharpness-aware minimization (`allcnn.sam`, adaptive): each step's gradient is taken at the
+    # worst weights within this relative radius (ASAM's rho; 0.5 for CIFAR-10); 0: plain steps.
+    sam_rho: float = 0.0
     preprocessing: str = "standardize"
     input_dropout: float = 0.2
     dropout: float = 0.5
@@ -167,8 +170,8 @@ class TrainConfig:
         for key in ("lr", "head_lr"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
-        for key in ("weight_decay", "time_decay", "warmup_epochs", "translate", "cutout", "mixup", "head_epochs",
-                    "val_size"):
+        for key in ("weight_decay", "time_decay", "warmup_epochs", "translate", "cutout", "mixup", "sam_rho",
+                    "head_epochs", "val_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must not be negative, got {getattr(self, key)}")
         for key in ("label_smoothing", "input_dropout", "dropout", "momentum", "ema_momentum", "val_split"):

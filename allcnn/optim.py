@@ -16,6 +16,7 @@ from keras import ops
 from allcnn import data
 from allcnn.config import TrainConfig
 from allcnn.model import build_model, freeze_base
+from allcnn.sam import sharpness_aware
 
 
 @keras.saving.register_keras_serializable("allcnn")
@@ -103,6 +104,8 @@ def compile_model(config: TrainConfig, steps_per_epoch: int, lr: float | None = 
     )
     if config.freeze_base:
         freeze_base(model)
+    if config.sam_rho:
+        model = sharpness_aware(model, config.sam_rho)
     schedule = LearningRate(config.lr if lr is None else lr, steps_per_epoch, config.epochs, config.schedule,
                             config.warmup_epochs, config.milestones, config.lr_decay_factor, config.time_decay)
     optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=config.nesterov,

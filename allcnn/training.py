@@ -30,6 +30,7 @@ from allcnn.optim import compile_model
 from allcnn.pipeline import CifarBatches, EpochSeeder
 from allcnn.preprocessing import fit_preprocessing
 from allcnn.run_folder import RunError, RunFolder, best_val_accuracy
+from allcnn.sam import check_sharpness_aware
 from allcnn.teacher import check_teacher, teacher_targets
 from allcnn.weights_io import load_weights
 
@@ -163,6 +164,8 @@ def _fit(run: RunFolder, config: TrainConfig, data_dir, test_dir, test: bool,
     replicas = distribute.setup(config.distribute, gpu is not None)
     layout = replicas.layout(config)
     print(f"distribute: {replicas.describe()}; global batch {layout['global_batch_size']}, lr {layout['lr']:g}")
+    if config.sam_rho:
+        check_sharpness_aware(replicas.count)
     # The data first: a wrong --data-dir must not leave a run folder behind.
     dataset, train_split, val_split = data.load_splits(config, data_dir, test_dir)
     if test and dataset.test is None:
