@@ -3,7 +3,8 @@ worst nearby weights, which steers training towards flat minima.
 
 Adaptive SAM (ASAM, Kwon et al., 2021; SAM: Foret et al., 2021): the step first climbs from the
 weights w to w + e, e = rho * T^2 g / |T g| with T = |w| + eta elementwise, then applies the
-gradient taken there to w. The climb is measured relative to each weight, so it is the same for a
+gradient taken there to w. Every weight is scaled so, biases and batch norm's too, where ASAM's own
+code leaves biases at T = 1. The climb is measured relative to each weight, so it is the same for a
 kernel and the kernel scaled, as a kernel before a batch norm is free to be (plain SAM, T = 1,
 climbs less the larger the kernels, and the kernels unfolded from the shipped weights are larger
 than a batch-norm run's own). A step costs two forward and backward passes. SAM applied only at
