@@ -14,7 +14,7 @@ import keras
 from allcnn import data
 from allcnn.config import SHIPPED, TrainConfig
 from allcnn.manifest import resolve_weights
-from allcnn.model import base_layers, build_model, unfold_batch_norm
+from allcnn.model import base_layers, batch_norms, build_model, unfold_batch_norm
 from allcnn.pipeline import CifarBatches
 from allcnn.run_folder import RunError, RunFolder
 from allcnn.weights_io import WeightsError, load_weights
@@ -129,8 +129,7 @@ def load_initial_weights(model: keras.Model, source: StartingWeights, class_name
     (`BatchNormRefresh`) computes for the same weights, so that its average starts equal too.
     """
     whole = tuple(source.class_names) == tuple(class_names)
-    unfold = source.batch_norm is False and any(isinstance(layer, keras.layers.BatchNormalization)
-                                                for layer in model.layers)
+    unfold = source.batch_norm is False and bool(batch_norms(model))
     target = build_model(source.variant, classes=len(class_names), input_shape=model.input_shape[1:]) if unfold else model
     try:
         load_weights(target, source.path, only=None if whole else base_layers(target))

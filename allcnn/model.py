@@ -214,6 +214,11 @@ def freeze_base(model: keras.Model) -> None:
         layer.trainable = False
 
 
+def batch_norms(model: keras.Model) -> list:
+    """The model's batch norm layers, in order (none in a plain network)."""
+    return [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+
+
 def fold_batch_norm(model: keras.Sequential) -> keras.Sequential:
     """The same network without batch norm: each batch norm folded into the conv before it.
 
@@ -232,7 +237,7 @@ def fold_batch_norm(model: keras.Sequential) -> keras.Sequential:
         and dropout rates), built under the global dtype policy; the fold is computed in
         float64 from the float32 variables.
     """
-    if not any(isinstance(layer, layers.BatchNormalization) for layer in model.layers):
+    if not batch_norms(model):
         raise ConfigError(f"{model.name} has no batch norm to fold")
     variant = variant_of(model.name)
     names = [layer.name for layer in model.layers]
@@ -292,7 +297,7 @@ def refresh_batch_norm(model: keras.Sequential, images: np.ndarray, batch_size: 
     to expect the statistics of those: refreshed on unaugmented ones instead, a network trained
     with cutout 16 lost 1.4 points of validation accuracy (docs/training.md).
     """
-    norms = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    norms = batch_norms(model)
     momenta = [norm.momentum for norm in norms]
     try:
         for step, start in enumerate(range(0, len(images), batch_size)):

@@ -18,6 +18,7 @@ import keras
 from keras import ops
 
 from allcnn.config import ConfigError
+from allcnn.model import batch_norms
 
 # ASAM's eta: weights at 0 (fresh biases, batch norm betas) still move.
 ETA = 0.01
@@ -50,8 +51,7 @@ class SharpnessAware(keras.Sequential):
             self._loss_tracker.update_state(loss, sample_weight=tf.shape(x)[0])
             loss = self.optimizer.scale_loss(loss)
         climb = _climb(self.rho, weights, tape.gradient(loss, weights))
-        statistics = [v for layer in self.layers if isinstance(layer, keras.layers.BatchNormalization)
-                      for v in (layer.moving_mean, layer.moving_variance)]
+        statistics = [v for norm in batch_norms(self) for v in (norm.moving_mean, norm.moving_variance)]
         kept = [tf.identity(v) for v in statistics]
         for weight, step in zip(weights, climb):
             weight.assign_add(step)
