@@ -81,6 +81,13 @@ def describe_machines(machines: list[dict]) -> dict:
     return {"hardware": hardware_text, "precision": joined("precision"), "backend": joined("backend")}
 
 
+def stage_hardware(earlier: str, latest: str) -> str:
+    """The hardware of every stage, oldest first: a stage on the machine of the one before adds nothing."""
+    if not earlier or earlier.rsplit("; then ", 1)[-1] == latest:
+        return earlier or latest
+    return f"{earlier}; then {latest}"
+
+
 def stages(run: Path) -> list[Path]:
     """The run and, for a warm restart, the runs it started from, oldest first."""
     runs = [run]
@@ -254,8 +261,7 @@ def ship(last_stage: Path, data_dir: str) -> dict:
                 "hours_to_90_val": hours_to_90,
                 "epochs_to_90_val": epochs_to_90,
                 **describe_machines(machines_of(shipped))}
-    if before.hardware:
-        produced["hardware"] = f"{before.hardware}; then {produced['hardware']}"
+    produced["hardware"] = stage_hardware(before.hardware, produced["hardware"])
 
     target = WEIGHTS / f"{NAME}.weights.h5"
     with atomic_write(target, suffix=".weights.h5") as pending:

@@ -81,6 +81,14 @@ def test_hours_and_epochs_to_a_validation_accuracy():
     assert _ship_weights().time_to(rows, 0.90) == (1.0, 2) and _ship_weights().time_to(rows, 0.95) == (None, None)
 
 
+def test_the_hardware_names_each_machine_change_once():
+    stage_hardware = _ship_weights().stage_hardware
+    assert stage_hardware("", "CPU B") == "CPU B"
+    assert stage_hardware("CPU A", "CPU B") == "CPU A; then CPU B"
+    assert stage_hardware("CPU A; then CPU B", "CPU B") == "CPU A; then CPU B"
+    assert stage_hardware("CPU A; then CPU B", "CPU A") == "CPU A; then CPU B; then CPU A"
+
+
 def _trained_stage(root: Path, name: str, recipe: str, val_accuracies: list[float], **overrides) -> Path:
     """A finished stage: config, preprocessing, best weights, history and backup marker."""
     from allcnn.model import build_model
@@ -186,7 +194,7 @@ def test_a_run_from_the_shipped_weights_ships_as_their_next_stage(tmp_path, cifa
     assert produced["recipe"] == ["configs/release-v3.toml", "configs/release-bn-stage2.toml"]
     planned = load_config("release-v3").epochs + load_config("release-bn-stage2").epochs
     assert (produced["epochs_trained"], produced["planned_epochs"], produced["best_epoch"]) == (5, planned, 4)
-    assert produced["hardware"] == "CPU test; then CPU test"
+    assert produced["hardware"] == "CPU test"  # one machine for both stages: named once
     assert load_config(weights / "allcnn-c.stage1.config.toml") == load_config(first / "config.toml")
     assert load_config(weights / "allcnn-c.config.toml") == load_config(later / "config.toml")
     assert len((weights / "allcnn-c.history.csv").read_text().splitlines()) == 1 + 5
