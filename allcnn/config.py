@@ -94,6 +94,9 @@ class TrainConfig:
     # Cutout (DeVries & Taylor, 2017): each training image loses a random square of this
     # side (0: none), centred on a random pixel.
     cutout: int = 0
+    # TrivialAugment (Müller & Hutter, 2021; its wide operations, `allcnn.pipeline.trivial_augment`):
+    # each training image goes through one photometric or geometric operation drawn at random first.
+    trivial_augment: bool = False
     # Mixup (Zhang et al., 2018): each training image and its target are mixed with another's of
     # the batch, weighted by a draw from Beta(mixup, mixup) (1.0: uniform); 0: none.
     mixup: float = 0.0

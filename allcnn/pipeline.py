@@ -10,10 +10,12 @@ GPU machines have JAX but no TensorFlow).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import keras
 import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
 
 from allcnn.preprocessing import Preprocessing
 
@@ -45,6 +47,51 @@ def augment(images: np.ndarray, rng: np.random.Generator, flip: bool, translate:
     return images
 
 
+_GREY = (128, 128, 128)  # what the geometric operations uncover, as in the TrivialAugment authors' code
+
+
+def _affine(image: Image.Image, matrix: tuple) -> Image.Image:
+    return image.transform(image.size, Image.AFFINE, matrix, fillcolor=_GREY)
+
+
+def _enhance(enhancer: type) -> Callable[[Image.Image, float], Image.Image]:
+    return lambda image, m: enhancer(image).enhance(1 + 0.99 * m)
+
+
+# TrivialAugment's "wide" operations, as torchvision's TrivialAugmentWide has them: each maps an
+# image and a magnitude m in [-1, 1] (the sign drawn too, so shears, translations, rotations and
+# enhancements go both ways) to an image.
+_WIDE_OPERATIONS: tuple[Callable[[Image.Image, float], Image.Image], ...] = (
+    lambda image, m: image,
+    lambda image, m: _affine(image, (1, 0.99 * m, 0, 0, 1, 0)),  # shear x
+    lambda image, m: _affine(image, (1, 0, 0, 0.99 * m, 1, 0)),  # shear y
+    lambda image, m: _affine(image, (1, 0, 32 * m, 0, 1, 0)),  # translate x, up to 32 pixels
+    lambda image, m: _affine(image, (1, 0, 0, 0, 1, 32 * m)),  # translate y
+    lambda image, m: image.rotate(135 * m, fillcolor=_GREY),
+    _enhance(ImageEnhance.Brightness),
+    _enhance(ImageEnhance.Color),
+    _enhance(ImageEnhance.Contrast),
+    _enhance(ImageEnhance.Sharpness),
+    lambda image, m: ImageOps.posterize(image, 8 - round(6 * abs(m))),  # 8 bits down to 2
+    lambda image, m: ImageOps.solarize(image, round(255 * (1 - abs(m)))),
+    lambda image, m: ImageOps.autocontrast(image),
+    lambda image, m: ImageOps.equalize(image),
+)
+
+
+def trivial_augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """TrivialAugment (Müller & Hutter, 2021), its wide search space: each uint8 image goes
+    through one operation drawn uniformly, at a magnitude drawn uniformly from 31 steps.
+
+    A policy with nothing to tune, stronger than flips and translations, for when those leave a
+    network fitting its training images better without gaining on held-out ones.
+    """
+    operations = rng.integers(0, len(_WIDE_OPERATIONS), len(images))
+    magnitudes = rng.integers(0, 31, len(images)) / 30 * rng.choice((-1, 1), len(images))
+    return np.stack([np.asarray(_WIDE_OPERATIONS[op](Image.fromarray(image), m))
+                     for image, op, m in zip(images, operations, magnitudes)])
+
+
 def mixup(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
           alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """Mixup (Zhang et al., 2018): each image and its label become a convex combination with
@@ -69,6 +116,7 @@ class CifarBatches(keras.utils.PyDataset):
         batch_size: images per (global) batch; the last batch may be smaller
             unless `drop_remainder`.
         shuffle, flip, translate, cutout: training-time randomness.
+        trivial_augment: each image first goes through `trivial_augment`.
         mixup: Beta(mixup, mixup) mixes each training image and target with
             another's of its batch (`mixup`); 0: no mixing.
         seed: the run's seed.
@@ -99,6 +147,7 @@ class CifarBatches(keras.utils.PyDataset):
         flip: bool = False,
         translate: int = 0,
         cutout: int = 0,
+        trivial_augment: bool = False,
         mixup: float = 0.0,
         seed: int = 0,
         shard: tuple[int, int] = (0, 1),
@@ -107,7 +156,9 @@ class CifarBatches(keras.utils.PyDataset):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.x = preprocessing(images)
+        self.preprocessing, self.trivial_augment = preprocessing, trivial_augment
+        # TrivialAugment works on pixels: its images are preprocessed batch by batch, the others once.
+        self.x = images if trivial_augment else preprocessing(images)
         self.y = np.asarray(labels, dtype=np.float32)
         self.batch_size = batch_size
         self.shuffle, self.flip, self.translate, self.cutout, self.seed = shuffle, flip, translate, cutout, seed
@@ -130,18 +181,21 @@ class CifarBatches(keras.utils.PyDataset):
 
     def _order_for(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
-            return np.arange(len(self.x))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
+            return np.arange(len(self.y))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.y))
 
     def sample(self, count: int) -> np.ndarray:
         """`count` of the split's images as training sees them, preprocessed, augmented and mixed, but
         unsharded: the same in every process and every epoch (the first of the seed's epoch-0
         order, under augmentation of their own)."""
-        picked = self._order_for(0)[:count]
-        return self._augmented(self.x[picked], self.y[picked], 0, 0, 2)[0]
+        return self._augmented(self._order_for(0)[:count], 0, 0, 2)[0]
 
-    def _augmented(self, x: np.ndarray, y: np.ndarray, *key: int) -> tuple[np.ndarray, np.ndarray]:
-        """`x` and their targets `y` under the split's augmentation and mixup, drawn from the seed and `key`."""
+    def _augmented(self, picked: np.ndarray, *key: int) -> tuple[np.ndarray, np.ndarray]:
+        """Images `picked` and their targets under the split's augmentation and mixup, drawn from the
+        seed and `key`."""
+        x, y = self.x[picked], self.y[picked]
+        if self.trivial_augment:
+            x = self.preprocessing(trivial_augment(x, np.random.default_rng([self.seed, *key, 4])))
         if self.flip or self.translate or self.cutout:
             x = augment(x, np.random.default_rng([self.seed, *key]), self.flip, self.translate, self.cutout)
         if self.mixup:
@@ -150,7 +204,7 @@ class CifarBatches(keras.utils.PyDataset):
 
     def __len__(self) -> int:
         rounding = math.floor if self.drop_remainder else math.ceil
-        return rounding(len(self.x) / self.batch_size)
+        return rounding(len(self.y) / self.batch_size)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if self._pool is None:
@@ -163,7 +217,7 @@ class CifarBatches(keras.utils.PyDataset):
     def _batch(self, order: np.ndarray, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Batch `index` of `epoch`, whose data order is `order`."""
         picked = order[index * self.batch_size : (index + 1) * self.batch_size]
-        x, y = self._augmented(self.x[picked], self.y[picked], epoch, index, 1)
+        x, y = self._augmented(picked, epoch, index, 1)
         index, count = self.shard
         if count > 1:
             part = len(picked) // count

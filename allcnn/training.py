@@ -267,7 +267,9 @@ def make_batches(config: TrainConfig, run: RunFolder, train_split: tuple, val_sp
     train_batches = CifarBatches(train_split[0], targets, prep, layout["global_batch_size"],
                                  shuffle=True, flip=augment and config.flip,
                                  translate=config.translate if augment else 0,
-                                 cutout=config.cutout if augment else 0, mixup=config.mixup if augment else 0.0,
+                                 cutout=config.cutout if augment else 0,
+                                 trivial_augment=augment and config.trivial_augment,
+                                 mixup=config.mixup if augment else 0.0,
                                  seed=config.seed,
                                  shard=shard, drop_remainder=even, threads=config.data_workers)
     val_batch = replicas.count * max(1, VAL_BATCH // replicas.count)

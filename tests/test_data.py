@@ -287,3 +287,41 @@ def test_mixup_mixes_each_image_and_its_target_with_another_of_its_batch_alike()
     np.testing.assert_allclose(x_mixed[mixed_rows], expected[mixed_rows], atol=1e-5)
     np.testing.assert_array_equal(mixed[0][0], x_mixed)  # keyed by (seed, epoch, index): the same again
     assert not np.allclose(mixed.sample(16), plain.sample(16))  # batch norm statistics see mixed images too
+
+
+def test_trivial_augment_draws_one_wide_operation_and_magnitude_per_image():
+    from allcnn.pipeline import _WIDE_OPERATIONS, trivial_augment
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (400, 32, 32, 3), dtype=np.uint8)
+    out = trivial_augment(images, np.random.default_rng(1))
+    assert out.shape == images.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(trivial_augment(images, np.random.default_rng(1)), out)
+    assert 0.05 < (out == images).all(axis=(1, 2, 3)).mean() < 0.3  # identity, autocontrast (noise spans 0..255), m = 0
+    image = Image.fromarray(images[0])
+    geometric_and_enhancing = _WIDE_OPERATIONS[1:10]
+    for operation in geometric_and_enhancing:
+        np.testing.assert_array_equal(np.asarray(operation(image, 0.0)), images[0])  # magnitude 0: unchanged
+        assert not np.array_equal(np.asarray(operation(image, -0.5)), np.asarray(operation(image, 0.5)))  # both ways
+    translated = np.asarray(_WIDE_OPERATIONS[3](image, 0.5))  # 16 pixels: the right half moves left, grey behind
+    np.testing.assert_array_equal(translated[:, :16], images[0][:, 16:])
+    assert (translated[:, 16:] == 128).all()
+
+
+def test_trivial_augment_batches_are_preprocessed_after_it_and_keyed_like_the_others():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
+    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 48)]
+    prep = fit_preprocessing("standardize", images)
+    make = lambda **augmentation: CifarBatches(images, labels, prep, 16, shuffle=True, seed=2,  # noqa: E731
+                                               **augmentation)
+    plain, augmented = make(), make(trivial_augment=True)
+    x, y = augmented[1]
+    np.testing.assert_array_equal(y, plain[1][1])  # the same images, in the same order
+    assert x.dtype == np.float32 and abs(float(x.mean())) < 0.5  # standardized, not raw pixels
+    assert 1 <= (x == plain[1][0]).all(axis=(1, 2, 3)).sum() < 16  # identity (or m = 0) leaves a few as they were
+    np.testing.assert_array_equal(make(trivial_augment=True)[1][0], x)
+    augmented.set_epoch(1)
+    assert not np.array_equal(augmented[1][0], x)
+    assert not np.array_equal(make(trivial_augment=True).sample(16), plain.sample(16))
