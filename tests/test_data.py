@@ -168,10 +168,15 @@ def test_cutout_zeroes_one_clipped_square_per_image():
     assert np.array_equal(augment(images, np.random.default_rng(0), flip=False, translate=0), images)
 
 
-def test_batches_depend_only_on_seed_epoch_and_index():
+def _random_split(count: int, lowest: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`count` random uint8 images (pixels from `lowest`) and one-hot labels of 10 classes."""
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
-    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 50)]
+    return (rng.integers(lowest, 256, (count, 32, 32, 3), dtype=np.uint8),
+            np.eye(10, dtype=np.float32)[rng.integers(0, 10, count)])
+
+
+def test_batches_depend_only_on_seed_epoch_and_index():
+    images, labels = _random_split(50)
     prep = fit_preprocessing("scale", images)
     make = lambda: CifarBatches(images, labels, prep, 16, shuffle=True, flip=True, translate=4, seed=7)  # noqa: E731
     a, b = make(), make()
@@ -186,9 +191,7 @@ def test_batches_depend_only_on_seed_epoch_and_index():
 
 def test_sample_is_augmented_as_training_is_and_fixed_across_epochs():
     # Batch norm statistics recomputed on it must be those the network learnt under augmentation.
-    rng = np.random.default_rng(0)
-    images = rng.integers(1, 256, (50, 32, 32, 3), dtype=np.uint8)
-    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 50)]
+    images, labels = _random_split(50, lowest=1)
     prep = fit_preprocessing("scale", images)
     make = lambda **augmentation: CifarBatches(images, labels, prep, 16, shuffle=True, seed=7,  # noqa: E731
                                                **augmentation)
@@ -205,9 +208,7 @@ def test_sample_is_augmented_as_training_is_and_fixed_across_epochs():
 
 
 def test_threads_prepare_the_same_batches_whatever_was_prefetched():
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8)
-    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 100)]
+    images, labels = _random_split(100)
     prep = fit_preprocessing("scale", images)
     make = lambda threads: CifarBatches(images, labels, prep, 8, shuffle=True, flip=True, translate=4,  # noqa: E731
                                         seed=3, threads=threads)
@@ -310,9 +311,7 @@ def test_trivial_augment_draws_one_wide_operation_and_magnitude_per_image():
 
 
 def test_trivial_augment_batches_are_preprocessed_after_it_and_keyed_like_the_others():
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
-    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 48)]
+    images, labels = _random_split(48)
     prep = fit_preprocessing("standardize", images)
     make = lambda **augmentation: CifarBatches(images, labels, prep, 16, shuffle=True, seed=2,  # noqa: E731
                                                **augmentation)
