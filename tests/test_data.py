@@ -294,8 +294,7 @@ def test_trivial_augment_draws_one_wide_operation_and_magnitude_per_image():
     from allcnn.pipeline import _WIDE_OPERATIONS, trivial_augment
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (400, 32, 32, 3), dtype=np.uint8)
+    images, _ = _random_split(400)
     out = trivial_augment(images, np.random.default_rng(1))
     assert out.shape == images.shape and out.dtype == np.uint8
     np.testing.assert_array_equal(trivial_augment(images, np.random.default_rng(1)), out)
