@@ -109,7 +109,8 @@ def main(debug: bool) -> None:
               help="Start from these weights (shipped: ours, CIFAR-10) instead of a random init: all layers for "
                    "the same classes, else all but the classifier (transfer learning).")
 @click.option("--teacher", metavar="PATH|shipped",
-              help="Distillation: train on these weights' predictions (flip-averaged) instead of the labels.")
+              help="Distillation: train on these weights' predictions (flip-averaged), or a teacher network's "
+                   "(its .keras file, scripts/train_teacher.py), instead of the labels.")
 @click.option("--freeze-base/--no-freeze-base", default=None,
               help="Train only the classifier (the last 1x1 conv); the base keeps its initial weights.")
 @click.option("--head-epochs", type=click.IntRange(min=0),

@@ -119,9 +119,13 @@ class TrainConfig:
     # classes every layer but the classifier (the last 1x1 conv) loads, the classifier starts random.
     initial_weights: str = ""
     # Distillation: the training images' targets are the predictions of these weights (a file, or
-    # "shipped"), averaged as `teacher_tta` says, instead of their labels ("" : the labels).
+    # "shipped"), or of a teacher network's `.keras` file (scripts/train_teacher.py), averaged as
+    # `teacher_tta` says, instead of their labels ("" : the labels).
     teacher: str = ""
     teacher_tta: str = "flip"
+    # The teacher predicts each training batch as augmented (the student's view) instead of the
+    # images once, unaugmented (`allcnn.teacher`); `teacher_tta` is then unused.
+    teacher_augmented: bool = False
     # Transfer learning: train only the classifier (the last 1x1 conv), the base frozen.
     freeze_base: bool = False
     # Transfer learning as the Keras guide does it, in one run: `head_epochs` epochs of the

@@ -84,7 +84,8 @@ class Classifier:
                  precision: str = DEFAULT_PRECISION, device: str = ""):
         self.model, self.preprocessing, self.spec = model, preprocessing, spec
         self.precision, self.device = precision, device
-        self._forward = compile_forward(model)
+        # Preprocessed inputs (a training batch as augmented, for a teacher) to float32 probabilities.
+        self.forward = compile_forward(model)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -107,9 +108,9 @@ class Classifier:
         out = np.empty((len(images), classes), dtype=np.float32)
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
-            out[start : start + len(batch)] = self._forward(self.preprocessing(batch))
+            out[start : start + len(batch)] = self.forward(self.preprocessing(batch))
             if tta == "flip":  # the mirror image, preprocessed like any other
-                mirrored = self._forward(self.preprocessing(batch[:, :, ::-1]))
+                mirrored = self.forward(self.preprocessing(batch[:, :, ::-1]))
                 out[start : start + len(batch)] = (out[start : start + len(batch)] + mirrored) / 2
             if progress is not None:
                 progress.add(len(batch))

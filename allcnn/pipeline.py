@@ -119,6 +119,8 @@ class CifarBatches(keras.utils.PyDataset):
         trivial_augment: each image first goes through `trivial_augment`.
         mixup: Beta(mixup, mixup) mixes each training image and target with
             another's of its batch (`mixup`); 0: no mixing.
+        teacher: preprocessed images to probabilities: each batch's targets are
+            its predictions on the batch as augmented and mixed, not `labels`.
         seed: the run's seed.
         shard: (index, count): this process's part of every batch in a
             multi-process run. The whole batch is drawn and augmented in every
@@ -149,6 +151,7 @@ class CifarBatches(keras.utils.PyDataset):
         cutout: int = 0,
         trivial_augment: bool = False,
         mixup: float = 0.0,
+        teacher: Callable[[np.ndarray], np.ndarray] | None = None,
         seed: int = 0,
         shard: tuple[int, int] = (0, 1),
         drop_remainder: bool = False,
@@ -162,7 +165,7 @@ class CifarBatches(keras.utils.PyDataset):
         self.y = np.asarray(labels, dtype=np.float32)
         self.batch_size = batch_size
         self.shuffle, self.flip, self.translate, self.cutout, self.seed = shuffle, flip, translate, cutout, seed
-        self.mixup = mixup
+        self.mixup, self.teacher = mixup, teacher
         self.shard, self.drop_remainder = shard, drop_remainder
         self.epoch = 0
         self._order = self._order_for(0)
@@ -218,6 +221,8 @@ class CifarBatches(keras.utils.PyDataset):
         """Batch `index` of `epoch`, whose data order is `order`."""
         picked = order[index * self.batch_size : (index + 1) * self.batch_size]
         x, y = self._augmented(picked, epoch, index, 1)
+        if self.teacher is not None:
+            y = self.teacher(x)
         index, count = self.shard
         if count > 1:
             part = len(picked) // count

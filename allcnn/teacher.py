@@ -7,17 +7,52 @@ what the average knows, and how sure it is of each image, where one-hot labels s
 everywhere. The targets are the teacher's on the training images as they are, not augmented:
 computed once, kept in the run folder, so that a resumed run trains on the same targets even
 after the teacher's file changed (a run from the shipped weights may ship new ones).
+
+A teacher can also be another network (`allcnn.airbench`'s teacher folder: its `teacher.keras`),
+and with `teacher_augmented` it predicts each training batch as augmented, the view the student
+sees ("consistent teaching", Beyer et al., 2022, "Knowledge distillation: a good teacher is
+patient and consistent"): fixed targets would say "cat" for a crop that cutout has emptied.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
 from allcnn.config import SHIPPED, TrainConfig
 from allcnn.files import atomic_write
-from allcnn.initial_weights import check_held_out, check_weights_file, weights_source
+from allcnn.inference import Classifier
+from allcnn.initial_weights import StartingWeights, check_held_out, check_weights_file, weights_source
 from allcnn.model import load_classifier
+from allcnn.preprocessing import Preprocessing
 from allcnn.run_folder import RunError, RunFolder
+
+# A teacher network of another family (`allcnn.airbench`): the whole model, with its record beside it.
+KERAS_SUFFIX = ".keras"
+
+
+def _is_keras(teacher: str) -> bool:
+    return teacher.endswith(KERAS_SUFFIX)
+
+
+def teacher_record(path: Path) -> dict:
+    """The `teacher.json` beside a teacher's `.keras` file."""
+    try:
+        return json.loads((path.parent / "teacher.json").read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"teacher: {path} has no readable teacher.json beside it ({e}); "
+                       "scripts/train_teacher.py writes both") from None
+
+
+def teacher_source(teacher: str) -> StartingWeights:
+    """The teacher a recipe names: weights (see `weights_source`), or a `.keras` teacher and its record."""
+    if not _is_keras(teacher):
+        return weights_source(teacher, "teacher")
+    path = Path(teacher)
+    record = teacher_record(path)
+    return StartingWeights(path, tuple(record["class_names"]), held_out=record["held_out"])
 
 
 def check_teacher(run: RunFolder, config: TrainConfig, overwrite: bool, class_names: tuple[str, ...]) -> None:
@@ -25,13 +60,45 @@ def check_teacher(run: RunFolder, config: TrainConfig, overwrite: bool, class_na
     predicts these classes, and did not train on this run's validation images (its predictions
     would tell the student their labels). A resumed run has its targets and needs no teacher."""
     if not config.teacher:
+        if config.teacher_augmented:  # a recipe's teacher may be a file of this machine: given by --teacher
+            raise RunError("teacher_augmented: the recipe names no teacher; give one with --teacher PATH")
         return
     check_weights_file(run, config.teacher, "teacher", overwrite)
-    source = weights_source(config.teacher, "teacher")
+    source = teacher_source(config.teacher)
     if tuple(source.class_names) != tuple(class_names):
         raise RunError(f"teacher: {config.teacher} predicts the classes {', '.join(source.class_names)}; "
                        f"this run trains on {', '.join(class_names)}")
     check_held_out(source, config, "teacher")
+    if config.teacher_augmented and load_teacher(config.teacher).preprocessing.method != config.preprocessing:
+        raise RunError(f"teacher: {config.teacher} preprocesses its inputs otherwise than this run's "
+                       f"{config.preprocessing}, so it cannot predict the run's augmented batches")
+
+
+def load_teacher(teacher: str) -> Classifier:
+    """The teacher as a float32 classifier (a `.keras` teacher in the precision it was saved in)."""
+    if not _is_keras(teacher):
+        return load_classifier(None if teacher == SHIPPED else teacher, precision="float32")
+    import keras
+
+    path = Path(teacher)
+    if not path.is_file():
+        raise RunError(f"teacher: no such file {teacher}")
+    teacher_record(path)
+    return Classifier(keras.saving.load_model(path, compile=False),
+                      Preprocessing.load(path.parent / "preprocessing.json"))
+
+
+def augmented_teacher(config: TrainConfig, preprocessing: Preprocessing):
+    """`teacher_augmented`'s teacher: preprocessed training batches (as augmented) to its
+    probabilities. It sees the run's inputs, so it must preprocess as the run does: the same
+    method (`check_teacher`), fitted on the same training images (the same held-out ones)."""
+    classifier = load_teacher(config.teacher)
+    theirs = classifier.preprocessing
+    if not (np.allclose(theirs.mean, preprocessing.mean) and np.allclose(theirs.std, preprocessing.std)):
+        raise RunError(f"teacher: {config.teacher} was fitted on other training images (mean {theirs.mean}, "
+                       f"this run's {preprocessing.mean}), so it cannot predict the run's augmented batches")
+    print(f"teacher: {config.teacher} (predictions on each training batch as augmented)")
+    return classifier.forward
 
 
 def teacher_targets(run: RunFolder, config: TrainConfig, images: np.ndarray, classes: int,
@@ -43,8 +110,8 @@ def teacher_targets(run: RunFolder, config: TrainConfig, images: np.ndarray, cla
         targets = np.load(path)
         if targets.shape == (len(images), classes):
             return targets
-    classifier = load_classifier(None if config.teacher == SHIPPED else config.teacher, precision="float32")
-    print(f"teacher: {classifier.spec.path} ({'flip-averaged ' * (config.teacher_tta == 'flip')}"
+    classifier = load_teacher(config.teacher)
+    print(f"teacher: {config.teacher} ({'flip-averaged ' * (config.teacher_tta == 'flip')}"
           f"predictions on {len(images)} training images)")
     targets = classifier.probabilities(images, tta=config.teacher_tta)
     if write:

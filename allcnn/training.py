@@ -31,7 +31,7 @@ from allcnn.pipeline import CifarBatches, EpochSeeder
 from allcnn.preprocessing import fit_preprocessing
 from allcnn.run_folder import RunError, RunFolder, best_val_accuracy
 from allcnn.sam import check_sharpness_aware
-from allcnn.teacher import check_teacher, teacher_targets
+from allcnn.teacher import augmented_teacher, check_teacher, teacher_targets
 from allcnn.weights_io import load_weights
 
 VAL_BATCH = 500
@@ -247,14 +247,16 @@ def _fit_phase(model: keras.Model, run: RunFolder, phase: Phase, lr: float, star
 def make_batches(config: TrainConfig, run: RunFolder, train_split: tuple, val_split: tuple, replicas: Replicas,
                  layout: dict, classes: int) -> tuple[CifarBatches, CifarBatches]:
     """This process's training and validation batches, preprocessed as in the run folder; the
-    training targets are the labels, or with a `teacher` its predictions (validation keeps the labels)."""
+    training targets are the labels, or with a `teacher` its predictions, once or batch by batch
+    (`teacher_augmented`); validation keeps the labels."""
     prep = run.read_preprocessing()
     if prep is None:
         prep = fit_preprocessing(config.preprocessing, train_split[0])
         if replicas.is_chief:
             run.write_preprocessing(prep)
     one_hot = lambda y: keras.utils.to_categorical(y, classes)  # noqa: E731
-    targets = (teacher_targets(run, config, train_split[0], classes, write=replicas.is_chief) if config.teacher
+    fixed_teacher = config.teacher and not config.teacher_augmented
+    targets = (teacher_targets(run, config, train_split[0], classes, write=replicas.is_chief) if fixed_teacher
                else one_hot(train_split[1]))
     # JAX splits every batch evenly over the devices: drop a ragged last training
     # batch, and validate in batches that divide over the replicas.
@@ -271,6 +273,7 @@ def make_batches(config: TrainConfig, run: RunFolder, train_split: tuple, val_sp
                                  trivial_augment=augment and config.trivial_augment,
                                  mixup=config.mixup if augment else 0.0,
                                  seed=config.seed,
+                                 teacher=augmented_teacher(config, prep) if config.teacher_augmented else None,
                                  shard=shard, drop_remainder=even, threads=config.data_workers)
     val_batch = replicas.count * max(1, VAL_BATCH // replicas.count)
     val_batches = CifarBatches(val_split[0], one_hot(val_split[1]), prep, val_batch, shard=shard)

@@ -36,6 +36,7 @@ from allcnn.model import build_model, load_classifier
 from allcnn.plots import plot_history
 from allcnn.resources import configs_dir
 from allcnn.run_folder import MACHINE_FIELDS, RunError, RunFolder, best_val_accuracy
+from allcnn.teacher import KERAS_SUFFIX, teacher_record
 from allcnn.manifest import manifest_entry, write_manifest_entry
 from allcnn.weights_io import WeightsError, load_weights
 
@@ -103,9 +104,9 @@ def stages(run: Path) -> list[Path]:
 
 def recipe_of(run: Path, config: TrainConfig) -> str:
     """The file in configs/ that run was trained with: the one whose settings it
-    has (the starting weights aside), so the manifest names stages by content."""
+    has (the starting weights and teacher aside), so the manifest names stages by content."""
     # How the run executed (data workers, steps per execution, device) is no part of its recipe.
-    kept = {key: getattr(config, key) for key in ("initial_weights", *EXECUTION_KEYS)}
+    kept = {key: getattr(config, key) for key in ("initial_weights", "teacher", *EXECUTION_KEYS)}
     for path in sorted(configs_dir().glob("release*.toml")):
         recipe = load_config(path, **kept)
         if recipe.dataset == "auto":  # a run records the dataset `auto` resolved to
@@ -231,6 +232,15 @@ def check_fold(run: Path, folded: Classifier, images: np.ndarray) -> float:
     return difference
 
 
+def teacher_summary(teacher: str) -> dict:
+    """A teacher network's record (`teacher.json`), for the manifest: its hours are part of the
+    stage's, beside `train_hours` (All-CNN-C's own)."""
+    record = teacher_record(Path(teacher))
+    return {"network": record["network"], "epochs": record["epochs"],
+            "train_hours": round(record["train_seconds"] / 3600, 2), "val_top1": record["val_accuracy"],
+            "machine": record["machine"]}
+
+
 def ship(last_stage: Path, data_dir: str) -> dict:
     """Ships `last_stage` (or the earlier stage that scored best) into weights/; returns its manifest entry."""
     # Everything that can fail comes before the first file in weights/ is replaced.
@@ -262,6 +272,9 @@ def ship(last_stage: Path, data_dir: str) -> dict:
                 "epochs_to_90_val": epochs_to_90,
                 **describe_machines(machines_of(shipped))}
     produced["hardware"] = stage_hardware(before.hardware, produced["hardware"])
+    teachers = [teacher_summary(config.teacher) for config in configs if config.teacher.endswith(KERAS_SUFFIX)]
+    if teachers:
+        produced["teachers"] = teachers
 
     target = WEIGHTS / f"{NAME}.weights.h5"
     with atomic_write(target, suffix=".weights.h5") as pending:

@@ -5,15 +5,18 @@
 # from INITIAL_WEIGHTS if given (a later stage: e.g. release-bn-stage2 from the first run's
 # last.weights.h5), then scripts/ship_weights.py writes weights/allcnn-c.weights.h5 and its
 # manifest entry, unless the run scores lower on validation than the weights shipped now.
-#   scripts/train_release.sh [DATA_DIR] [RUN_DIR] [RECIPE] [INITIAL_WEIGHTS]
+# TEACHER, if given, is the run's `--teacher` (release-bn-kd: a teacher folder's teacher.keras).
+#   scripts/train_release.sh [DATA_DIR] [RUN_DIR] [RECIPE] [INITIAL_WEIGHTS] [TEACHER]
 set -euo pipefail
 data=${1:-../shared/data}
 recipe=${3:-release-bn}
 run=${2:-$HOME/allcnn-runs/$recipe}
 initial=${4:-}
+teacher=${5:-}
 if [ -f "$run/config.toml" ]; then
     allcnn train --resume --out "$run" --data-dir "$data"
 else
-    allcnn train --config "$recipe" --out "$run" --data-dir "$data" ${initial:+--initial-weights "$initial"}
+    allcnn train --config "$recipe" --out "$run" --data-dir "$data" ${initial:+--initial-weights "$initial"} \
+        ${teacher:+--teacher "$teacher"}
 fi
 python "$(dirname "$0")/ship_weights.py" "$run" --data-dir "$data"

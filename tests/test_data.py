@@ -323,3 +323,27 @@ def test_trivial_augment_batches_are_preprocessed_after_it_and_keyed_like_the_ot
     augmented.set_epoch(1)
     assert not np.array_equal(augmented[1][0], x)
     assert not np.array_equal(make(trivial_augment=True).sample(16), plain.sample(16))
+
+
+def test_a_teacher_gives_each_batch_the_targets_of_its_images_as_augmented():
+    """`teacher_augmented`: the targets are the teacher's predictions on the batch the student sees
+    (flipped, translated, cut out and mixed), not the labels nor the images before augmentation."""
+    images, labels = _random_split(40)
+    prep = fit_preprocessing("standardize", images)
+    weights = np.random.default_rng(1).normal(size=(32 * 32 * 3, 10)).astype(np.float32)
+
+    def teacher(x: np.ndarray) -> np.ndarray:  # a linear softmax classifier
+        logits = x.reshape(len(x), -1) @ weights
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    make = lambda **kwargs: CifarBatches(images, labels, prep, 16, shuffle=True, flip=True, translate=4,  # noqa: E731
+                                         cutout=8, mixup=1.0, seed=5, **kwargs)
+    taught, plain = make(teacher=teacher), make()
+    x, y = taught[1]
+    np.testing.assert_array_equal(x, plain[1][0])  # the same images, augmented alike
+    np.testing.assert_allclose(y, teacher(x), rtol=1e-6)
+    assert not np.allclose(y, plain[1][1], atol=0.05)
+    unaugmented = prep(images[taught._order[16:32]])
+    assert not np.allclose(y, teacher(unaugmented), atol=0.05)
+    assert y.shape == (16, 10) and np.allclose(y.sum(axis=1), 1, rtol=1e-5)

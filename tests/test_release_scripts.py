@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from allcnn.config import load_config
+from allcnn.data import CLASS_NAMES
 from allcnn.manifest import sha256
 from allcnn.run_folder import RunFolder
 from conftest import write_cifar_folder
@@ -179,6 +180,25 @@ def test_ship_weights_folds_a_batch_norm_run_into_the_plain_network(tmp_path, ci
     assert entry["produced"]["command"] == "scripts/train_release.sh DATA_DIR RUN_DIR release-bn"
     assert (entry["produced"]["epochs_to_90_val"], entry["produced"]["hours_to_90_val"]) == (2, 0.03)
     load_weights(build_model("paper"), weights / "allcnn-c.weights.h5")  # the plain network: no batch norm
+
+
+def test_a_run_taught_by_a_teacher_network_ships_with_the_teacher_s_record(tmp_path, cifar_dir, monkeypatch):
+    """release-bn-kd: the run names its teacher with --teacher (a file of its machine), so the recipe
+    is found without it, and the teacher's training counts in the manifest beside the run's."""
+    ship, weights = _shipping(tmp_path, monkeypatch)
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "teacher.json").write_text(json.dumps({
+        "network": "airbench-style teacher (allcnn.airbench)", "class_names": list(CLASS_NAMES),
+        "held_out": {"val_size": 5000, "seed": 0}, "epochs": 15, "train_seconds": 1800.0, "val_accuracy": 0.93,
+        "precision": "mixed_bfloat16", "machine": "CPU test"}))
+    run = _trained_stage(tmp_path, "kd", "release-bn-kd", [0.7, 0.91], teacher=str(teacher / "teacher.keras"))
+    monkeypatch.setattr("sys.argv", ["ship_weights.py", str(run), "--data-dir", str(cifar_dir)])
+    ship.main()
+    produced = json.loads((weights / "manifest.json").read_text())["weights"][0]["produced"]
+    assert produced["recipe"] == "configs/release-bn-kd.toml"
+    assert produced["teachers"] == [{"network": "airbench-style teacher (allcnn.airbench)", "epochs": 15,
+                                     "train_hours": 0.5, "val_top1": 0.93, "machine": "CPU test"}]
 
 
 def test_a_run_from_the_shipped_weights_ships_as_their_next_stage(tmp_path, cifar_dir, monkeypatch):

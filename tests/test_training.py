@@ -539,3 +539,47 @@ def test_atomic_link_links_or_copies_and_replaces(tmp_path, monkeypatch):
     atomic_link(source, target)
     assert target.read_bytes() == b"two" and not os.path.samefile(source, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-1.weights.h5", "last.weights.h5"]  # no temp left
+
+
+def test_a_teacher_network_predicts_each_augmented_batch(cifar_dir, tmp_path):
+    """`teacher_augmented` with a teacher folder (scripts/train_teacher.py): checked before the run
+    folder is made, then trained on its predictions batch by batch, with no fixed targets."""
+    from allcnn import data
+    from allcnn.airbench import train_teacher
+    from allcnn.config import make_config
+    from allcnn.initial_weights import held_out
+
+    def teach(folder, seed):
+        config = make_config(val_size=40, seed=seed, dataset="cifar10")
+        dataset, train, val = data.load_splits(config, cifar_dir)
+        train_teacher(train, val, dataset.class_names, folder, held_out=held_out(config), epochs=1, batch_size=16,
+                      seed=seed)
+        return str(folder / "teacher.keras")
+
+    teacher, stranger = teach(tmp_path / "teacher", 0), teach(tmp_path / "stranger", 1)
+    recipe = tmp_path / "taught.toml"
+    recipe.write_text('teacher_augmented = true\nbatch_norm = true\ninput_dropout = 0.0\n')
+    student = tmp_path / "student"
+    args = ["--data-dir", str(cifar_dir), "--out", str(student), *TINY]
+    other = _train("--config", str(recipe), *args, "--teacher", stranger)
+    assert other.exit_code == 1 and "would validate on images they were trained on" in other.output
+    scaled = tmp_path / "scaled.toml"
+    scaled.write_text(recipe.read_text() + 'preprocessing = "scale"\n')
+    mismatch = _train("--config", str(scaled), *args, "--teacher", teacher)
+    assert mismatch.exit_code == 1 and "preprocesses its inputs otherwise" in mismatch.output
+    assert "Traceback" not in other.output + mismatch.output and not student.exists()
+
+    result = _train("--config", str(recipe), *args, "--teacher", teacher)
+    assert result.exit_code == 0, result.output
+    assert "predictions on each training batch as augmented" in result.output
+    config = RunFolder(student).read_config()
+    assert config.teacher_augmented and config.teacher == teacher
+    assert not (student / "teacher_targets.npy").exists()
+
+
+def test_teacher_augmented_needs_a_teacher(cifar_dir, tmp_path):
+    recipe = tmp_path / "taught.toml"
+    recipe.write_text("teacher_augmented = true\n")
+    result = _train("--config", str(recipe), "--data-dir", str(cifar_dir), "--out", str(tmp_path / "run"), *TINY)
+    assert result.exit_code == 1 and "teacher_augmented: the recipe names no teacher" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()

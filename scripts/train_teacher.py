@@ -1,0 +1,43 @@
+"""Trains a distillation teacher (`allcnn.airbench`) into a teacher folder, holding out the same
+validation images as `allcnn train` with the same `--val-size` and `--seed`; a run's `teacher`
+(e.g. configs/release-bn-kd.toml, `--teacher OUT/teacher.keras`) then names its teacher.keras.
+
+    python scripts/train_teacher.py OUT [--data-dir ../shared/data] [--epochs 15] [--translate 2] [--cutout 0] [--seed 0]
+"""
+
+import argparse
+import sys
+
+from allcnn.airbench import train_teacher
+from allcnn.config import TrainConfig
+from allcnn.data import load_splits
+from allcnn.errors import AllcnnError
+from allcnn.initial_weights import held_out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="the teacher folder to write")
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--translate", type=int, default=2, help="pixels, as a recipe's translate")
+    parser.add_argument("--cutout", type=int, default=0, help="pixels, as a recipe's cutout (0: none)")
+    parser.add_argument("--val-size", type=int, default=0, help="as allcnn train's (0: CIFAR's 5,000)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    try:
+        config = TrainConfig(val_size=args.val_size, seed=args.seed).validate()
+        dataset, train, val = load_splits(config, args.data_dir)
+        config.dataset = dataset.name
+        record = train_teacher(train, val, dataset.class_names, args.out, held_out=held_out(config),
+                               epochs=args.epochs, translate=args.translate, cutout=args.cutout, seed=args.seed)
+    except AllcnnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"teacher: {args.out}/teacher.keras, val_accuracy {record['val_accuracy']:.4f} after "
+          f"{record['epochs']} epochs, {record['train_seconds'] / 3600:.2f} h")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
