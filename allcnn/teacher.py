@@ -17,6 +17,7 @@ patient and consistent"): fixed targets would say "cat" for a crop that cutout h
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,8 @@ def teacher_source(teacher: str) -> StartingWeights:
 def check_teacher(run: RunFolder, config: TrainConfig, overwrite: bool, class_names: tuple[str, ...]) -> None:
     """Before a new run's folder is made, once the data has told its classes: the teacher exists,
     predicts these classes, and did not train on this run's validation images (its predictions
-    would tell the student their labels). A resumed run has its targets and needs no teacher."""
+    would tell the student their labels). A resumed run is not checked again: it has its targets,
+    or (`teacher_augmented`) loads its teacher again."""
     if not config.teacher:
         if config.teacher_augmented:  # a recipe's teacher may be a file of this machine: given by --teacher
             raise RunError("teacher_augmented: the recipe names no teacher; give one with --teacher PATH")
@@ -88,7 +90,7 @@ def load_teacher(teacher: str) -> Classifier:
                       Preprocessing.load(path.parent / "preprocessing.json"))
 
 
-def augmented_teacher(config: TrainConfig, preprocessing: Preprocessing):
+def augmented_teacher(config: TrainConfig, preprocessing: Preprocessing) -> Callable[[np.ndarray], np.ndarray]:
     """`teacher_augmented`'s teacher: preprocessed training batches (as augmented) to its
     probabilities. It sees the run's inputs, so it must preprocess as the run does: the same
     method (`check_teacher`), fitted on the same training images (the same held-out ones)."""
