@@ -26,15 +26,18 @@ from allcnn.config import SHIPPED, TrainConfig
 from allcnn.files import atomic_write
 from allcnn.inference import Classifier
 from allcnn.initial_weights import StartingWeights, check_held_out, check_weights_file, weights_source
+from allcnn.manifest import resolve_weights
 from allcnn.model import load_classifier
 from allcnn.preprocessing import Preprocessing
 from allcnn.run_folder import RunError, RunFolder
+from allcnn.weights_io import WeightsError
 
 # A teacher network of another family (`allcnn.airbench`): the whole model, with its record beside it.
 KERAS_SUFFIX = ".keras"
 
 
-def _is_keras(teacher: str) -> bool:
+def is_teacher_network(teacher: str) -> bool:
+    """Whether a recipe's `teacher` is a teacher network's `.keras` file, not weights of ours."""
     return teacher.endswith(KERAS_SUFFIX)
 
 
@@ -49,7 +52,7 @@ def teacher_record(path: Path) -> dict:
 
 def teacher_source(teacher: str) -> StartingWeights:
     """The teacher a recipe names: weights (see `weights_source`), or a `.keras` teacher and its record."""
-    if not _is_keras(teacher):
+    if not is_teacher_network(teacher):
         return weights_source(teacher, "teacher")
     path = Path(teacher)
     record = teacher_record(path)
@@ -71,14 +74,24 @@ def check_teacher(run: RunFolder, config: TrainConfig, overwrite: bool, class_na
         raise RunError(f"teacher: {config.teacher} predicts the classes {', '.join(source.class_names)}; "
                        f"this run trains on {', '.join(class_names)}")
     check_held_out(source, config, "teacher")
-    if config.teacher_augmented and load_teacher(config.teacher).preprocessing.method != config.preprocessing:
+    if config.teacher_augmented and _preprocessing(config.teacher).method != config.preprocessing:
         raise RunError(f"teacher: {config.teacher} preprocesses its inputs otherwise than this run's "
                        f"{config.preprocessing}, so it cannot predict the run's augmented batches")
 
 
+def _preprocessing(teacher: str) -> Preprocessing:
+    """The teacher's preprocessing, read without building the network."""
+    if not is_teacher_network(teacher):
+        try:
+            return resolve_weights(None if teacher == SHIPPED else teacher).preprocessing
+        except WeightsError as e:
+            raise RunError(f"teacher: {e}") from None
+    return Preprocessing.load(Path(teacher).parent / "preprocessing.json")
+
+
 def load_teacher(teacher: str) -> Classifier:
     """The teacher as a float32 classifier (a `.keras` teacher in the precision it was saved in)."""
-    if not _is_keras(teacher):
+    if not is_teacher_network(teacher):
         return load_classifier(None if teacher == SHIPPED else teacher, precision="float32")
     import keras
 
@@ -86,8 +99,7 @@ def load_teacher(teacher: str) -> Classifier:
     if not path.is_file():
         raise RunError(f"teacher: no such file {teacher}")
     teacher_record(path)
-    return Classifier(keras.saving.load_model(path, compile=False),
-                      Preprocessing.load(path.parent / "preprocessing.json"))
+    return Classifier(keras.saving.load_model(path, compile=False), _preprocessing(teacher))
 
 
 def augmented_teacher(config: TrainConfig, preprocessing: Preprocessing) -> Callable[[np.ndarray], np.ndarray]:

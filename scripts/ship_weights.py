@@ -36,7 +36,7 @@ from allcnn.model import build_model, load_classifier
 from allcnn.plots import plot_history
 from allcnn.resources import configs_dir
 from allcnn.run_folder import MACHINE_FIELDS, RunError, RunFolder, best_val_accuracy
-from allcnn.teacher import KERAS_SUFFIX, teacher_record
+from allcnn.teacher import is_teacher_network, teacher_record
 from allcnn.manifest import manifest_entry, write_manifest_entry
 from allcnn.weights_io import WeightsError, load_weights
 
@@ -272,7 +272,7 @@ def ship(last_stage: Path, data_dir: str) -> dict:
                 "epochs_to_90_val": epochs_to_90,
                 **describe_machines(machines_of(shipped))}
     produced["hardware"] = stage_hardware(before.hardware, produced["hardware"])
-    teachers = [teacher_summary(config.teacher) for config in configs if config.teacher.endswith(KERAS_SUFFIX)]
+    teachers = [teacher_summary(config.teacher) for config in configs if is_teacher_network(config.teacher)]
     if teachers:
         produced["teachers"] = teachers
 
