@@ -2,7 +2,7 @@
 validation images as `allcnn train` with the same `--val-size` and `--seed`; a run's `teacher`
 (e.g. configs/release-bn-kd.toml, `--teacher OUT/teacher.keras`) then names its teacher.keras.
 
-    python scripts/train_teacher.py OUT [--data-dir ../shared/data] [--epochs 15] [--translate 2] [--cutout 0] [--seed 0]
+    python scripts/train_teacher.py OUT [--data-dir ../shared/data] [--epochs 10] [--translate 2] [--cutout 0] [--seed 0]
 """
 
 import argparse
@@ -19,7 +19,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="the teacher folder to write")
     parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--translate", type=int, default=2, help="pixels, as a recipe's translate")
     parser.add_argument("--cutout", type=int, default=0, help="pixels, as a recipe's cutout (0: none)")
     parser.add_argument("--val-size", type=int, default=0, help="as allcnn train's (0: CIFAR's 5,000)")

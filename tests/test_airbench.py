@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
+import pytest
+from keras import layers
 
-from allcnn.airbench import WHITENING_FILTERS, build_teacher, whitening_kernel
+from allcnn.airbench import (WHITENING_FILTERS, BiasScaledSGD, Lookahead, Triangle, build_teacher, dirac_init,
+                             tta_probabilities, whitening_kernel)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +35,8 @@ def test_the_whitening_kernel_whitens_the_images_patches():
     assert np.abs(raw - np.diag(np.diag(raw))).max() > 1  # far from white before
     outputs = patches @ kernel.reshape(12, WHITENING_FILTERS)
     np.testing.assert_allclose(np.cov(outputs[:, :12], rowvar=False), np.eye(12), atol=0.02)
-    np.testing.assert_array_equal(outputs[:, 12:], -outputs[:, :12])
+    # Negated filters give negated outputs, to rounding: the matmul may sum each column in its own order.
+    np.testing.assert_allclose(outputs[:, 12:], -outputs[:, :12], atol=1e-5)
 
 
 def test_the_teacher_s_first_conv_is_the_frozen_whitening():
@@ -43,6 +48,96 @@ def test_the_teacher_s_first_conv_is_the_frozen_whitening():
     assert model.output_shape == (None, 7)
     probabilities = model.predict(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
+
+
+def test_dirac_init_makes_each_3x3_conv_pass_its_input_channels_through():
+    inputs = keras.Input((8, 8, 4))
+    narrow_to_wide = layers.Conv2D(6, 3, padding="same", use_bias=False)
+    wide_to_narrow = layers.Conv2D(3, 3, padding="same", use_bias=False)
+    model = keras.Model(inputs, wide_to_narrow(narrow_to_wide(inputs)))
+    random_filters = narrow_to_wide.kernel.numpy()[..., 4:]
+    dirac_init(model)
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype("float32")
+    wide = np.asarray(narrow_to_wide(x))
+    np.testing.assert_allclose(wide[..., :4], x, atol=1e-6)  # the first 4 filters: identities
+    np.testing.assert_array_equal(narrow_to_wide.kernel.numpy()[..., 4:], random_filters)  # the rest: untouched
+    np.testing.assert_allclose(np.asarray(wide_to_narrow(wide)), wide[..., :3], atol=1e-6)
+
+
+def test_the_triangle_rises_from_a_fifth_to_the_peak_then_falls_to_seven_hundredths():
+    schedule = Triangle(2.0, 100)
+    lrs = [float(schedule(step)) for step in (0, 23, 100)]
+    np.testing.assert_allclose(lrs, [0.4, 2.0, 0.14], rtol=1e-6)
+    assert float(schedule(10)) == pytest.approx(0.4 + 1.6 * 10 / 23)
+    assert float(schedule(60)) == pytest.approx(2.0 - 1.86 * 37 / 77)
+
+
+def _bn_model():
+    inputs = keras.Input((4,))
+    x = layers.Dense(3, use_bias=False)(inputs)
+    return keras.Model(inputs, layers.BatchNormalization(scale=False)(x))
+
+
+def test_bias_scaled_sgd_moves_the_batch_norm_offsets_64_times_further():
+    """Against Keras' SGD from the same weights, on the same batch: the kernel's step is SGD's,
+    the offsets' (beta) 64 times it; weight decay shrinks both as SGD's does."""
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(16, 3)).astype("float32")
+    steps = {}
+    for name, optimizer in (("sgd", keras.optimizers.SGD(0.01, weight_decay=0.1)),
+                            ("scaled", BiasScaledSGD(0.01, weight_decay=0.1))):
+        keras.utils.set_random_seed(0)
+        model = _bn_model()
+        model.layers[-1].beta.assign([0.5, -0.5, 1.0])
+        before = [w.numpy() for w in model.trainable_weights]
+        model.compile(optimizer, "mse")
+        model.train_on_batch(x, y)
+        steps[name] = [w.numpy() - b for w, b in zip(model.trainable_weights, before)]
+        decay = [-0.01 * 0.1 * b for b in before]
+    kernel, beta = 0, 1
+    np.testing.assert_allclose(steps["scaled"][kernel], steps["sgd"][kernel], rtol=1e-6)
+    np.testing.assert_allclose(steps["scaled"][beta] - decay[beta], 64 * (steps["sgd"][beta] - decay[beta]),
+                               rtol=1e-4)
+    assert np.abs(steps["sgd"][beta] - decay[beta]).min() > 1e-4
+
+
+def test_lookahead_averages_weights_and_statistics_and_sets_the_network_to_the_average():
+    model = _bn_model()
+    lookahead = Lookahead(total_steps=10, steps_per_epoch=2, start_epoch=1, every=2, decay=0.5)
+    lookahead.set_model(model)
+    variables = model.variables  # the kernel, beta, and the moving mean and variance
+    assert len(variables) == 4
+
+    def set_all(value):
+        for v in variables:
+            v.assign(np.full(v.shape, value, "float32"))
+
+    set_all(1.0)
+    for _ in range(2):  # steps 1 and 2: the average starts at step 2 (epoch 1, every 2nd)
+        lookahead.on_train_batch_end(0)
+    set_all(3.0)
+    lookahead.on_train_batch_end(0)  # step 3: not an averaging step
+    for v in variables:
+        np.testing.assert_array_equal(v.numpy(), 3.0)
+    lookahead.on_train_batch_end(0)  # step 4: rho = 0.5 ** 2 * (4 / 10) ** 3 = 0.016
+    rho = 0.25 * 0.4**3
+    for v in variables:
+        np.testing.assert_allclose(v.numpy(), rho * 1 + (1 - rho) * 3, rtol=1e-6)
+    set_all(5.0)
+    lookahead.on_epoch_end(1)  # the network is set back to the average
+    for v in variables:
+        np.testing.assert_allclose(v.numpy(), rho * 1 + (1 - rho) * 3, rtol=1e-6)
+
+
+def test_tta_averages_the_image_its_mirror_and_one_pixel_moves():
+    """With a 'network' that reports its input's top-left pixel, each view's contribution shows."""
+    inputs = keras.Input((4, 4, 1))
+    model = keras.Model(inputs, layers.Lambda(lambda x: x[:, 0, 0, :])(inputs))
+    image = np.arange(16, dtype="float32").reshape(1, 4, 4, 1)
+    # Top-left pixel of: the image 0, its mirror 3; moved down-right (reflected) 5, mirrored 6;
+    # moved up-left 5, mirrored 6.
+    expected = ((0 + 3) / 2 + ((5 + 6) / 2 + (5 + 6) / 2) / 2) / 2
+    np.testing.assert_allclose(tta_probabilities(model, image), [[expected]])
 
 
 def test_train_teacher_writes_a_teacher_folder_that_teaches(cifar_dir, tmp_path):

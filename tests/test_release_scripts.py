@@ -314,6 +314,22 @@ def test_train_release_starts_a_later_stage_from_the_weights_given(tmp_path):
     ]
 
 
+def test_train_release_trains_the_teacher_first_where_its_folder_has_none(tmp_path):
+    run, teacher = tmp_path / "kd", tmp_path / "t" / "teacher.keras"
+    assert _train_release(tmp_path, "DATA", str(run), "release-bn-kd", "shipped", str(teacher)).returncode == 0
+    teacher.parent.mkdir()
+    teacher.touch()  # what train_teacher.py writes; the fake one writes nothing
+    assert _train_release(tmp_path, "DATA", str(run), "release-bn-kd", "shipped", str(teacher)).returncode == 0
+    assert (tmp_path / "calls.log").read_text().splitlines() == [
+        f"python train_teacher.py {teacher.parent} --data-dir DATA",
+        f"allcnn train --config release-bn-kd --out {run} --data-dir DATA --initial-weights shipped "
+        f"--teacher {teacher}",
+        f"python ship_weights.py {run} --data-dir DATA",
+        f"allcnn train --resume --out {run} --data-dir DATA",
+        f"python ship_weights.py {run} --data-dir DATA",
+    ]
+
+
 def _pack_cifar(*args) -> None:
     subprocess.run([sys.executable, str(SCRIPTS / "pack_cifar.py"), *map(str, args)], check=True)
 
