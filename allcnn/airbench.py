@@ -28,6 +28,7 @@ from keras import layers, ops
 
 from allcnn import hardware
 from allcnn.files import atomic_write, atomic_write_text
+from allcnn.inference import Classifier
 from allcnn.pipeline import CifarBatches, EpochSeeder
 from allcnn.preprocessing import fit_preprocessing
 
@@ -179,13 +180,12 @@ class Lookahead(keras.callbacks.Callback):
             variable.assign(self.average[i])
 
 
-def tta_probabilities(teacher: keras.Model, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """airbench's test-time augmentation, on preprocessed `images`: the mean of the image and its
-    mirror, averaged half and half with that mean on the image moved one pixel up-left and one down-right
-    (reflected at the border)."""
+def tta_probabilities(classifier: Classifier, images: np.ndarray) -> np.ndarray:
+    """airbench's test-time augmentation, on uint8 `images`: the flip average (`tta="flip"`),
+    averaged half and half with the flip averages of the images moved one pixel up-left and one
+    down-right (reflected at the border)."""
     def mirrored(x):
-        return (teacher.predict(x, batch_size=batch_size, verbose=0)
-                + teacher.predict(x[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2
+        return classifier.probabilities(x, tta="flip")
 
     padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
     h, w = images.shape[1:3]
@@ -224,7 +224,7 @@ def train_teacher(train: tuple, val: tuple, class_names: tuple[str, ...], out, *
         model.fit(batches, epochs=epochs, validation_data=val_batches, verbose=2,
                   callbacks=[EpochSeeder(batches, seed), Lookahead(steps, len(batches))])
         seconds = time.perf_counter() - started
-    val_images = prep(val[0])
+    classifier = Classifier(model, prep)
     accuracy = lambda p: round(float(np.mean(p.argmax(axis=1) == val[1])), 4)  # noqa: E731
     record = {
         "network": "airbench-style teacher (allcnn.airbench)",
@@ -233,8 +233,8 @@ def train_teacher(train: tuple, val: tuple, class_names: tuple[str, ...], out, *
         "epochs": epochs,
         "augmentation": {"flip": True, "translate": translate, "cutout": cutout},
         "train_seconds": round(seconds, 1),
-        "val_accuracy": accuracy(model.predict(val_images, batch_size=500, verbose=0)),
-        "val_accuracy_tta": accuracy(tta_probabilities(model, val_images)),
+        "val_accuracy": accuracy(classifier.probabilities(val[0])),
+        "val_accuracy_tta": accuracy(tta_probabilities(classifier, val[0])),
         "precision": policy,
         "machine": hardware.describe(None),
     }

@@ -131,13 +131,17 @@ def test_lookahead_averages_weights_and_statistics_and_sets_the_network_to_the_a
 
 def test_tta_averages_the_image_its_mirror_and_one_pixel_moves():
     """With a 'network' that reports its input's top-left pixel, each view's contribution shows."""
+    from allcnn.inference import Classifier
+    from allcnn.preprocessing import Preprocessing
+
     inputs = keras.Input((4, 4, 1))
     model = keras.Model(inputs, layers.Lambda(lambda x: x[:, 0, 0, :])(inputs))
-    image = np.arange(16, dtype="float32").reshape(1, 4, 4, 1)
+    image = np.arange(16, dtype="uint8").reshape(1, 4, 4, 1)
     # Top-left pixel of: the image 0, its mirror 3; moved down-right (reflected) 5, mirrored 6;
     # moved up-left 5, mirrored 6.
     expected = ((0 + 3) / 2 + ((5 + 6) / 2 + (5 + 6) / 2) / 2) / 2
-    np.testing.assert_allclose(tta_probabilities(model, image), [[expected]])
+    tta = tta_probabilities(Classifier(model, Preprocessing("scale")), image)
+    np.testing.assert_allclose(tta, [[expected / 255]], rtol=1e-6)
 
 
 def test_train_teacher_writes_a_teacher_folder_that_teaches(cifar_dir, tmp_path):
