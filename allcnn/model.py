@@ -270,7 +270,7 @@ def unfold_batch_norm(plain: keras.Sequential, into: keras.Sequential, images: n
     in training mode it normalizes with batch statistics close to these, so it starts near it.
     """
     convs = [layer for layer in plain.layers if isinstance(layer, layers.Conv2D)]
-    probe = keras.Model(plain.inputs, [conv.output for conv in convs])
+    probe = keras.Model(plain.inputs[0], [conv.output for conv in convs])  # one input, called with one array: no warning
     # Per conv: the count of output values per channel, their sum and their sum of squares (float64).
     moments = [np.zeros((3, conv.filters)) for conv in convs]
     for start in range(0, len(images), batch_size):
