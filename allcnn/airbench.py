@@ -156,14 +156,16 @@ class Lookahead(keras.callbacks.Callback):
         super().__init__()
         self.total_steps, self.start_step, self.every = total_steps, start_epoch * steps_per_epoch, every
         self.base_rho = decay**every
-        self.step, self.average = 0, None
+        self.step, self.variables, self.average = 0, [], None
 
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
         if self.step < self.start_step or self.step % self.every:
             return
         if self.average is None:
-            self.average = [ops.copy(v.value) for v in self._floats()]
+            # The float variables: weights and batch norm statistics, not the step counters.
+            self.variables = [v for v in self.model.variables if "float" in str(v.dtype)]
+            self.average = [ops.copy(v.value) for v in self.variables]
             return
         self._update(self.base_rho * (self.step / self.total_steps) ** 3)
 
@@ -171,11 +173,8 @@ class Lookahead(keras.callbacks.Callback):
         if self.average is not None:
             self._update(1.0)
 
-    def _floats(self):
-        return [v for v in self.model.variables if "float" in str(v.dtype)]
-
     def _update(self, rho: float):
-        for i, variable in enumerate(self._floats()):
+        for i, variable in enumerate(self.variables):
             self.average[i] = rho * self.average[i] + (1 - rho) * variable.value
             variable.assign(self.average[i])
 
