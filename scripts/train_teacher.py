@@ -2,10 +2,13 @@
 validation images as `allcnn train` with the same `--val-size` and `--seed`; a run's `teacher`
 (e.g. configs/release-bn-kd.toml, `--teacher OUT/teacher.keras`) then names its teacher.keras.
 
-    python scripts/train_teacher.py OUT [--data-dir ../shared/data] [--epochs 10] [--translate 2] [--cutout 0] [--seed 0]
+    python scripts/train_teacher.py OUT [--data-dir ../shared/data] [--epochs N] [--translate PIXELS] [--cutout PIXELS] [--seed N]
+
+(`--help` gives the defaults: `allcnn.airbench.train_teacher`'s.)
 """
 
 import argparse
+import inspect
 import sys
 
 from allcnn.airbench import train_teacher
@@ -16,14 +19,17 @@ from allcnn.initial_weights import held_out
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = {name: p.default for name, p in inspect.signature(train_teacher).parameters.items()}
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("out", help="the teacher folder to write")
-    parser.add_argument("--data-dir", default="../shared/data")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--translate", type=int, default=2, help="pixels, as a recipe's translate")
-    parser.add_argument("--cutout", type=int, default=0, help="pixels, as a recipe's cutout (0: none)")
+    parser.add_argument("--data-dir", default="../shared/data", help="as allcnn train's")
+    parser.add_argument("--epochs", type=int, default=defaults["epochs"],
+                        help="airbench94's lr triangle, stretched over them")
+    parser.add_argument("--translate", type=int, default=defaults["translate"], help="pixels, as a recipe's translate")
+    parser.add_argument("--cutout", type=int, default=defaults["cutout"], help="pixels, as a recipe's cutout (0: none)")
     parser.add_argument("--val-size", type=int, default=0, help="as allcnn train's (0: CIFAR's 5,000)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=defaults["seed"], help="as allcnn train's")
     args = parser.parse_args()
     try:
         config = TrainConfig(val_size=args.val_size, seed=args.seed).validate()
