@@ -19,6 +19,7 @@ from PIL import Image
 
 from allcnn.data import load_dataset
 from allcnn.errors import AllcnnError
+from allcnn.inference import Classifier
 from allcnn.model import load_classifier
 
 
@@ -32,7 +33,8 @@ def jpeg(images: np.ndarray, quality: int) -> np.ndarray:
     return out
 
 
-def jpeg_gap(classifier, images: np.ndarray, labels: np.ndarray, exact: int, quality: int) -> list[tuple[str, float]]:
+def jpeg_gap(classifier: Classifier, images: np.ndarray, labels: np.ndarray, exact: int,
+             quality: int) -> list[tuple[str, float]]:
     """(what, top-1) for the first `exact` images as they are and as JPEGs, then the rest as they are."""
     accuracy = lambda x, y: float(np.mean(classifier.probabilities(x).argmax(axis=1) == y))  # noqa: E731
     x, y = images[:exact], labels[:exact]
