@@ -19,6 +19,7 @@ from PIL import Image
 
 from allcnn.data import load_dataset
 from allcnn.errors import AllcnnError
+from allcnn.evaluation import metrics
 from allcnn.inference import Classifier
 from allcnn.model import load_classifier
 
@@ -36,7 +37,7 @@ def jpeg(images: np.ndarray, quality: int) -> np.ndarray:
 def jpeg_gap(classifier: Classifier, images: np.ndarray, labels: np.ndarray, exact: int,
              quality: int) -> list[tuple[str, float]]:
     """(what, top-1) for the first `exact` images as they are and as JPEGs, then the rest as they are."""
-    accuracy = lambda x, y: float(np.mean(classifier.probabilities(x).argmax(axis=1) == y))  # noqa: E731
+    accuracy = lambda x, y: metrics(classifier.probabilities(x), y, classifier.class_names)["top1"]  # noqa: E731
     x, y = images[:exact], labels[:exact]
     encoded = jpeg(x, quality)
     difference = np.abs(encoded.astype(np.int16) - x).mean()
@@ -59,9 +60,8 @@ def main() -> int:
     if not 1 <= args.quality <= 95 or args.exact < 1:
         parser.error("--quality must be 1-95 and --exact at least 1")
     try:
+        images, labels = load_dataset("cifar10", args.data_dir).test  # before the network: a wrong path fails fast
         classifier = load_classifier(args.weights, precision="float32")
-        dataset = load_dataset("cifar10", args.data_dir)
-        images, labels = dataset.test[0], np.asarray(dataset.test[1]).ravel()
         for what, top1 in jpeg_gap(classifier, images, labels, args.exact, args.quality):
             print(f"{what}: {top1:.2%}")
     except AllcnnError as e:
