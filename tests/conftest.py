@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import tarfile
@@ -16,6 +17,15 @@ from allcnn.data import CLASS_NAMES, FOLDER, META_FILE, TEST_FILE, TRAIN_FILES  
 from tests.helpers_weights import make_run  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module, so that a test can call its functions."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _batch(n: int, rng: np.random.Generator) -> dict:

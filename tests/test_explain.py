@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from allcnn.cli import main
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+from conftest import load_script
 
 # A network shaped like All-CNN-C's end (1x1 conv, ReLU, 1x1 conv to the classes, ReLU, global
 # average pooling, softmax) on 2x2x2 inputs, with weights chosen so that the gradient reaching
@@ -208,9 +206,7 @@ def test_a_layer_with_its_own_activation_is_refused():
 
 
 def test_explain_figure_script_draws_a_row_per_network(weights, cifar_dir, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("explain_figure", SCRIPTS / "explain_figure.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("explain_figure")
     out = tmp_path / "figure.png"
     script.main([str(weights), str(weights), "--data-dir", str(cifar_dir), "--index", "3", "--out", str(out)])
     assert out.read_bytes()[:4] == b"\x89PNG" and f"figure: {out}" in capsys.readouterr().out

@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from allcnn.data import load_dataset
 from allcnn.model import load_classifier
+from conftest import SCRIPTS, load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "jpeg_gap.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("jpeg_gap", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_jpeg_changes_images_less_the_higher_the_quality():
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    low, high = (np.abs(_script().jpeg(images, q).astype(int) - images).mean() for q in (10, 95))
+    low, high = (np.abs(load_script("jpeg_gap").jpeg(images, q).astype(int) - images).mean() for q in (10, 95))
     assert 0 < high < low
 
 
@@ -34,7 +25,7 @@ def test_jpeg_gap_scores_the_exact_images_their_jpegs_and_the_rest(weights, cifa
     classifier = load_classifier(weights, precision="float32")
     images, labels = load_dataset("cifar10", cifar_dir).test
     accuracy = lambda x, y: float(np.mean(classifier.probabilities(x).argmax(axis=1) == y))  # noqa: E731
-    script = _script()
+    script = load_script("jpeg_gap")
     rows = script.jpeg_gap(classifier, images, labels, exact=10, quality=50)
     assert [what.split(" as ")[0] for what, _ in rows] == ["images 0..9", "images 0..9", "images 10..39"]
     assert [top1 for _, top1 in rows] == pytest.approx([
@@ -44,8 +35,8 @@ def test_jpeg_gap_scores_the_exact_images_their_jpegs_and_the_rest(weights, cifa
 
 
 def test_jpeg_gap_without_data_is_one_line(weights, tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), str(weights), "--data-dir", str(tmp_path / "none")],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(SCRIPTS / "jpeg_gap.py"), str(weights), "--data-dir",
+                             str(tmp_path / "none")], capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "cifar-10-batches-py" in errors[0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -19,21 +18,13 @@ from allcnn.config import load_config
 from allcnn.data import CLASS_NAMES
 from allcnn.manifest import sha256
 from allcnn.run_folder import RunFolder
-from conftest import write_cifar_folder
+from conftest import SCRIPTS, load_script, write_cifar_folder
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _ship_weights():
-    spec = importlib.util.spec_from_file_location("ship_weights", SCRIPTS / "ship_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _shipping(tmp_path: Path, monkeypatch) -> tuple:
     """scripts/ship_weights.py as a module, shipping into a weights folder of its own in tmp_path."""
-    ship = _ship_weights()
+    ship = load_script("ship_weights")
     weights = tmp_path / "weights"
     weights.mkdir()
     monkeypatch.setattr(ship, "WEIGHTS", weights)
@@ -48,7 +39,7 @@ def _run_folder(root: Path, name: str, recipe: str, **overrides) -> Path:
 
 
 def test_stages_are_named_by_the_recipe_they_were_trained_with(tmp_path):
-    ship = _ship_weights()
+    ship = load_script("ship_weights")
     stage1 = _run_folder(tmp_path, "release", "release-stage1")
     stage2 = _run_folder(tmp_path, "release-stage2", "release",
                          initial_weights=str(stage1 / "last.weights.h5"))
@@ -61,11 +52,11 @@ def test_stages_are_named_by_the_recipe_they_were_trained_with(tmp_path):
 def test_a_run_that_matches_no_recipe_is_refused(tmp_path):
     run = _run_folder(tmp_path, "other", "release", epochs=7)
     with pytest.raises(SystemExit, match="no configs/release"):
-        _ship_weights().recipe_of(run, load_config(run / "config.toml"))
+        load_script("ship_weights").recipe_of(run, load_config(run / "config.toml"))
 
 
 def test_a_later_stage_ships_only_if_it_beats_the_earlier_ones_on_validation(capsys):
-    ship = _ship_weights()
+    ship = load_script("ship_weights")
     runs = [Path("s1"), Path("s2"), Path("s3")]
     histories = [[{"epoch": "0", "val_accuracy": "0.80"}],
                  [{"epoch": "0", "val_accuracy": "0.84"}, {"epoch": "1", "val_accuracy": "0.86"}],
@@ -79,11 +70,12 @@ def test_a_later_stage_ships_only_if_it_beats_the_earlier_ones_on_validation(cap
 
 def test_hours_and_epochs_to_a_validation_accuracy():
     rows = [{"epoch_seconds": "1800", "val_accuracy": v} for v in ("0.85", "0.90", "0.91")]
-    assert _ship_weights().time_to(rows, 0.90) == (1.0, 2) and _ship_weights().time_to(rows, 0.95) == (None, None)
+    time_to = load_script("ship_weights").time_to
+    assert time_to(rows, 0.90) == (1.0, 2) and time_to(rows, 0.95) == (None, None)
 
 
 def test_the_hardware_names_each_machine_change_once():
-    stage_hardware = _ship_weights().stage_hardware
+    stage_hardware = load_script("ship_weights").stage_hardware
     assert stage_hardware("", "CPU B") == "CPU B"
     assert stage_hardware("CPU A", "CPU B") == "CPU A; then CPU B"
     assert stage_hardware("CPU A; then CPU B", "CPU B") == "CPU A; then CPU B"
