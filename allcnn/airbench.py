@@ -36,7 +36,8 @@ WIDTHS = (64, 256, 256)
 # Whitened patch directions: each of the 12 eigenvectors of 2x2x3 patches, and its negative (the GELU
 # after the whitening keeps one sign of each).
 WHITENING_FILTERS = 24
-# Patches the covariance is taken from, and the ridge on its eigenvalues (of standardized pixels).
+# Patches the covariance is taken from, and the ridge on its eigenvalues (of standardized pixels):
+# airbench's; 10x and 100x larger ones did no better (+0.4, +0.2 points, one seed) on JPEG-rebuilt images.
 WHITENING_PATCHES = 200_000
 WHITENING_EPSILON = 5e-4
 BN_MOMENTUM = 0.6
