@@ -14,7 +14,6 @@ from allcnn.model import load_classifier
 from conftest import SCRIPTS, load_script
 
 
-
 def test_jpeg_changes_images_less_the_higher_the_quality():
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     low, high = (np.abs(load_script("jpeg_gap").jpeg(images, q).astype(int) - images).mean() for q in (10, 95))

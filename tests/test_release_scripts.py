@@ -21,7 +21,6 @@ from allcnn.run_folder import RunFolder
 from conftest import SCRIPTS, load_script, write_cifar_folder
 
 
-
 def _shipping(tmp_path: Path, monkeypatch) -> tuple:
     """scripts/ship_weights.py as a module, shipping into a weights folder of its own in tmp_path."""
     ship = load_script("ship_weights")
