@@ -12,6 +12,11 @@ A teacher can also be another network (`allcnn.airbench`'s teacher folder: its `
 and with `teacher_augmented` it predicts each training batch as augmented, the view the student
 sees ("consistent teaching", Beyer et al., 2022, "Knowledge distillation: a good teacher is
 patient and consistent"): fixed targets would say "cat" for a crop that cutout has emptied.
+
+A teacher must be better than the student, and a lone airbench teacher is not (89.6% validation
+against the shipped network's 91.3%). Two networks of different families err on different images:
+`write_ensemble_teacher` averages several teachers' probabilities in one `teacher.keras`, which a
+recipe names as it names any teacher network.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from allcnn.config import SHIPPED, TrainConfig
-from allcnn.files import atomic_write
+from allcnn.data import load_splits
+from allcnn.files import atomic_write, atomic_write_text
 from allcnn.inference import Classifier
-from allcnn.initial_weights import StartingWeights, check_held_out, check_weights_file, weights_source
+from allcnn.initial_weights import StartingWeights, check_held_out, check_weights_file, held_out, weights_source
 from allcnn.manifest import resolve_weights
 from allcnn.model import load_classifier
 from allcnn.preprocessing import Preprocessing
@@ -48,6 +54,15 @@ def teacher_record(path: Path) -> dict:
     except (OSError, ValueError) as e:
         raise RunError(f"teacher: {path} has no readable teacher.json beside it ({e}); "
                        "scripts/train_teacher.py writes both") from None
+
+
+def teacher_splits(data_dir, val_size: int = 0, seed: int = 0):
+    """The dataset, training and validation images that `allcnn train` splits with this `--val-size`
+    and `--seed`, and their `held_out` record: a teacher holds out what its students will."""
+    config = TrainConfig(val_size=val_size, seed=seed).validate()
+    dataset, train, val = load_splits(config, data_dir)
+    config.dataset = dataset.name
+    return dataset, train, val, held_out(config)
 
 
 def teacher_source(teacher: str) -> StartingWeights:
@@ -132,3 +147,66 @@ def teacher_targets(run: RunFolder, config: TrainConfig, images: np.ndarray, cla
         with atomic_write(path, ".npy") as tmp:
             np.save(tmp, targets)
     return targets
+
+
+def write_ensemble_teacher(members: list[str], out, val: tuple, *, held_out: dict) -> dict:
+    """Writes the teacher folder `out`: a `teacher.keras` whose probabilities are the average of
+    the `members`' (each as a recipe's `teacher` names it: `shipped`, a weights file, a teacher
+    network's `.keras`), with its `teacher.json` and `preprocessing.json`; returns the record.
+
+    The members must predict the same classes from the same preprocessed inputs (one
+    `preprocessing.json` serves them all) and not have trained on the validation images `val`
+    (uint8 images, int labels), which `held_out` names (a `data.held_out_record`, where a
+    member's record names any); the record gives the average's accuracy on them, and counts the teacher
+    networks' own training (epochs, hours) as the teacher's: weights of ours have theirs in the manifest.
+    """
+    import keras
+
+    if len(members) < 2:
+        raise RunError(f"an ensemble teacher averages two or more networks; got {len(members)}")
+    for member in members:
+        if member != SHIPPED and not Path(member).is_file():
+            raise RunError(f"teacher: no such file {member}")
+    sources = [teacher_source(member) for member in members]
+    preprocessing = [_preprocessing(member) for member in members]
+    for member, source, prep in zip(members[1:], sources[1:], preprocessing[1:]):
+        if tuple(source.class_names) != tuple(sources[0].class_names):
+            raise RunError(f"teacher: {member} predicts other classes than {members[0]}")
+        if prep.method != preprocessing[0].method or not (np.allclose(prep.mean, preprocessing[0].mean)
+                                                          and np.allclose(prep.std, preprocessing[0].std)):
+            raise RunError(f"teacher: {member} preprocesses its inputs otherwise than {members[0]}")
+    for member, source in zip(members, sources):
+        if source.held_out not in (None, held_out):
+            raise RunError(f"teacher: {member} held out {source.held_out} for validation, not {held_out}: "
+                           "it was trained on some of these validation images")
+    networks = [load_teacher(member).model for member in members]
+    inputs = keras.Input(networks[0].input_shape[1:])
+    for index, network in enumerate(networks):
+        network.name = f"member_{index}"  # unique within the ensemble: two of ours share a name
+    outputs = keras.layers.Average(dtype="float32")([network(inputs) for network in networks])
+    model = keras.Model(inputs, outputs, name="teacher_ensemble")
+    classifier = Classifier(model, preprocessing[0])
+    accuracy = lambda tta: round(float(np.mean(  # noqa: E731
+        classifier.probabilities(val[0], tta=tta).argmax(axis=1) == val[1])), 4)
+    trained = [teacher_record(Path(member)) for member in members if is_teacher_network(member)]
+    names = iter(r["network"] for r in trained)
+    record = {
+        "network": "average of " + " and ".join(next(names) if is_teacher_network(member) else f"All-CNN-C ({member})"
+                                                 for member in members),
+        "members": members,
+        "class_names": list(sources[0].class_names),
+        "held_out": held_out,
+        "epochs": sum(r["epochs"] for r in trained),
+        "train_seconds": sum(r["train_seconds"] for r in trained),
+        "val_accuracy": accuracy("none"),
+        "val_accuracy_tta": accuracy("flip"),
+        "precision": "float32",
+        "machine": ", ".join(sorted({r["machine"] for r in trained})),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    preprocessing[0].save(out / "preprocessing.json")
+    with atomic_write(out / "teacher.keras", ".keras") as tmp:
+        model.save(tmp)
+    atomic_write_text(out / "teacher.json", json.dumps(record, indent=2) + "\n")
+    return record

@@ -12,10 +12,8 @@ import inspect
 import sys
 
 from allcnn.airbench import train_teacher
-from allcnn.config import TrainConfig
-from allcnn.data import load_splits
 from allcnn.errors import AllcnnError
-from allcnn.initial_weights import held_out
+from allcnn.teacher import teacher_splits
 
 
 def main() -> int:
@@ -32,10 +30,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=defaults["seed"], help="as allcnn train's")
     args = parser.parse_args()
     try:
-        config = TrainConfig(val_size=args.val_size, seed=args.seed).validate()
-        dataset, train, val = load_splits(config, args.data_dir)
-        config.dataset = dataset.name
-        record = train_teacher(train, val, dataset.class_names, args.out, held_out=held_out(config),
+        dataset, train, val, held_out = teacher_splits(args.data_dir, args.val_size, args.seed)
+        record = train_teacher(train, val, dataset.class_names, args.out, held_out=held_out,
                                epochs=args.epochs, translate=args.translate, cutout=args.cutout, seed=args.seed)
     except AllcnnError as e:
         print(f"error: {e}", file=sys.stderr)

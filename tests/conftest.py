@@ -19,6 +19,9 @@ from tests.helpers_weights import make_run  # noqa: E402
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
+needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None,
+                               reason="the JAX backend is the optional extra allcnn[jax]")
+
 
 def load_script(name: str):
     """scripts/NAME.py as a module, so that a test can call its functions."""

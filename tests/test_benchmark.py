@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ from click.testing import CliRunner
 from allcnn import benchmark
 from allcnn.cli import main
 from allcnn.model import build_model
+from conftest import needs_jax
 
 # 2 * H_out * W_out * K * K * C_in * C_out for the paper variant, by hand.
 PAPER_FORWARD_FLOPS = {
@@ -117,7 +117,7 @@ def test_thread_pools_are_applied_in_a_fresh_process():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="the JAX backend is the optional extra allcnn[jax]")
+@needs_jax
 def test_jax_without_tensorflow_skips_only_tensorflow_settings():
     """A borrowed GPU machine may have JAX and no TensorFlow: the benchmark runs, and says what it skipped."""
     env = {**os.environ, "KERAS_BACKEND": "jax"}

@@ -21,16 +21,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import importlib.util
-
 import pytest
 from click.testing import CliRunner
 
 from allcnn.cli import main
 from allcnn.config import tomllib
-
-needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None,
-                               reason="the JAX backend is the optional extra allcnn[jax]")
+from conftest import needs_jax
 
 TOLERANCE = 1e-5
 COMMON = ["--val-size", "40", "--precision", "float32", "--lr", "0.01", "--schedule", "cosine"]

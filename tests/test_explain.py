@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from allcnn.cli import main
-from conftest import load_script
+from conftest import load_script, needs_jax
 
 # A network shaped like All-CNN-C's end (1x1 conv, ReLU, 1x1 conv to the classes, ReLU, global
 # average pooling, softmax) on 2x2x2 inputs, with weights chosen so that the gradient reaching
@@ -80,7 +79,7 @@ def test_backward_passes_match_the_hand_computation(c):
     np.testing.assert_allclose(saliency(model, X, classes), np.abs(computed["gradient"]).max(axis=-1), atol=1e-6)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="the JAX backend is the optional extra allcnn[jax]")
+@needs_jax
 def test_guided_and_deconvnet_under_jax_match_the_hand_computation():
     script = textwrap.dedent(f"""
         import json, numpy as np

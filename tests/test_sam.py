@@ -1,7 +1,6 @@
 """Sharpness-aware steps (`sam_rho`): one step checked against ASAM's formula computed by hand,
 and the JAX backend's step against TensorFlow's."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from allcnn.config import ConfigError, TrainConfig
+from conftest import needs_jax
 
 # A climb of 5% (ASAM's radius, relative to the weights), from seeded weights: at our recipes' 0.5,
 # from some random inits, float32 rounding alone moved this small network's step by up to ~1e-3
@@ -101,7 +101,7 @@ def test_a_sam_step_applies_the_gradient_taken_at_the_adaptive_climb(one_step):
         np.testing.assert_allclose(got, want, atol=ATOL, err_msg=w.path)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="the JAX backend is the optional extra allcnn[jax]")
+@needs_jax
 def test_a_sam_step_under_jax_is_tensorflow_s(one_step):
     _, folder = one_step
     script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); from test_sam import sam_step; "
