@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from allcnn.config import SHIPPED, TrainConfig
-from allcnn.data import load_splits
+from allcnn.data import Dataset, load_splits
 from allcnn.files import atomic_write, atomic_write_text
 from allcnn.inference import Classifier
 from allcnn.initial_weights import StartingWeights, check_held_out, check_weights_file, held_out, weights_source
@@ -56,7 +56,7 @@ def teacher_record(path: Path) -> dict:
                        "scripts/train_teacher.py writes both") from None
 
 
-def teacher_splits(data_dir, val_size: int = 0, seed: int = 0):
+def teacher_splits(data_dir, val_size: int = 0, seed: int = 0) -> tuple[Dataset, tuple, tuple, dict]:
     """The dataset, training and validation images that `allcnn train` splits with this `--val-size`
     and `--seed`, and their `held_out` record: a teacher holds out what its students will."""
     config = TrainConfig(val_size=val_size, seed=seed).validate()
