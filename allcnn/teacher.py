@@ -200,7 +200,9 @@ def write_ensemble_teacher(members: list[str], out, val: tuple, *, held_out: dic
         "train_seconds": sum(r["train_seconds"] for r in trained),
         "val_accuracy": accuracy("none"),
         "val_accuracy_tta": accuracy("flip"),
-        "precision": "float32",
+        # Each member computes as it was saved (`load_teacher`): a teacher network trained in bf16 stays so.
+        "precision": ", ".join(sorted({layer.dtype_policy.name for network in networks
+                                       for layer in network.layers if layer.weights})),
         "machine": ", ".join(sorted({r["machine"] for r in trained})),
     }
     out = Path(out)

@@ -62,11 +62,21 @@ def test_the_ensemble_teacher_predicts_its_members_average(members, tmp_path):
                                  f"and All-CNN-C ({members[1]})")
     # The airbench teacher's training counts as the ensemble's; the All-CNN-C's is in its own records.
     assert (record["epochs"], record["train_seconds"], record["machine"]) == (3, 3600.0, "CPU test")
-    assert record["held_out"] == HELD_OUT and record["members"] == members
+    assert record["held_out"] == HELD_OUT and record["members"] == members and record["precision"] == "float32"
     assert json.loads((tmp_path / "ensemble" / "teacher.json").read_text()) == record
     # ship_weights reads it as any teacher network's record.
     summary = load_script("ship_weights").teacher_summary(str(tmp_path / "ensemble" / "teacher.keras"))
     assert summary["train_hours"] == 1.0 and summary["val_top1"] == record["val_accuracy"]
+
+
+def test_the_record_names_each_member_s_precision(members, tmp_path):
+    """A teacher network saved in bf16 computes in bf16 inside the ensemble too."""
+    from allcnn.hardware import dtype_policy
+
+    with dtype_policy("mixed_bfloat16"):
+        bf16 = str(_airbench_folder(tmp_path / "bf16"))
+    record = write_ensemble_teacher([bf16, members[1]], tmp_path / "ensemble", _val(4), held_out=HELD_OUT)
+    assert record["precision"] == "float32, mixed_bfloat16"
 
 
 def test_an_ensemble_of_networks_that_cannot_be_averaged_is_refused(members, tmp_path):
