@@ -104,6 +104,11 @@ def _preprocessing(teacher: str) -> Preprocessing:
     return Preprocessing.load(Path(teacher).parent / "preprocessing.json")
 
 
+def _fitted_alike(a: Preprocessing, b: Preprocessing) -> bool:
+    """The same mean and std, to float rounding: fitted on the same training images."""
+    return np.allclose(a.mean, b.mean) and np.allclose(a.std, b.std)
+
+
 def load_teacher(teacher: str) -> Classifier:
     """The teacher as a float32 classifier (a `.keras` teacher in the precision it was saved in)."""
     if not is_teacher_network(teacher):
@@ -123,7 +128,7 @@ def augmented_teacher(config: TrainConfig, preprocessing: Preprocessing) -> Call
     method (`check_teacher`), fitted on the same training images (the same held-out ones)."""
     classifier = load_teacher(config.teacher)
     theirs = classifier.preprocessing
-    if not (np.allclose(theirs.mean, preprocessing.mean) and np.allclose(theirs.std, preprocessing.std)):
+    if not _fitted_alike(theirs, preprocessing):
         raise RunError(f"teacher: {config.teacher} was fitted on other training images (mean {theirs.mean}, "
                        f"this run's {preprocessing.mean}), so it cannot predict the run's augmented batches")
     print(f"teacher: {config.teacher} (predictions on each training batch as augmented)")
@@ -172,8 +177,7 @@ def write_ensemble_teacher(members: list[str], out, val: tuple, *, held_out: dic
     for member, source, prep in zip(members[1:], sources[1:], preprocessing[1:]):
         if tuple(source.class_names) != tuple(sources[0].class_names):
             raise RunError(f"teacher: {member} predicts other classes than {members[0]}")
-        if prep.method != preprocessing[0].method or not (np.allclose(prep.mean, preprocessing[0].mean)
-                                                          and np.allclose(prep.std, preprocessing[0].std)):
+        if prep.method != preprocessing[0].method or not _fitted_alike(prep, preprocessing[0]):
             raise RunError(f"teacher: {member} preprocesses its inputs otherwise than {members[0]}")
     for member, source in zip(members, sources):
         if source.held_out not in (None, held_out):
