@@ -576,6 +576,16 @@ def test_a_teacher_network_predicts_each_augmented_batch(cifar_dir, tmp_path):
     assert config.teacher_augmented and config.teacher == teacher
     assert not (student / "teacher_targets.npy").exists()
 
+    # The same method fitted on other images (another mean) would feed the teacher shifted inputs.
+    from dataclasses import replace
+
+    from allcnn.teacher import augmented_teacher
+
+    prep = RunFolder(student).read_preprocessing()
+    assert augmented_teacher(config, prep) is not None
+    with pytest.raises(RunError, match="was fitted on other training images"):
+        augmented_teacher(config, replace(prep, mean=[m + 0.01 for m in prep.mean]))
+
 
 def test_teacher_augmented_needs_a_teacher(cifar_dir, tmp_path):
     recipe = tmp_path / "taught.toml"
