@@ -82,8 +82,8 @@ def describe_machines(machines: list[dict]) -> dict:
     return {"hardware": hardware_text, "precision": joined("precision"), "backend": joined("backend")}
 
 
-def stage_hardware(earlier: str, latest: str) -> str:
-    """The hardware of every stage, oldest first: a stage on the machine of the one before adds nothing."""
+def stage_joined(earlier: str, latest: str) -> str:
+    """The hardware (or precision) of every stage, oldest first: a stage like the one before adds nothing."""
     if not earlier or earlier.rsplit("; then ", 1)[-1] == latest:
         return earlier or latest
     return f"{earlier}; then {latest}"
@@ -156,6 +156,7 @@ class Before:
     configs: list[str] = field(default_factory=list)
     planned_epochs: int = 0
     hardware: str = ""
+    precision: str = ""
 
 
 def shipped_before(run: Path, config: TrainConfig) -> Before:
@@ -174,7 +175,7 @@ def shipped_before(run: Path, config: TrainConfig) -> Before:
     with open(WEIGHTS / f"{NAME}.history.csv", newline="") as f:
         history = list(csv.DictReader(f))
     return Before(history, recipes, [path.read_text() for path in [*stage_files, WEIGHTS / f"{NAME}.config.toml"]],
-                  int(produced["planned_epochs"]), produced["hardware"])
+                  int(produced["planned_epochs"]), produced["hardware"], produced["precision"])
 
 
 def joined_history(histories: list[list[dict]]) -> list[dict]:
@@ -271,7 +272,8 @@ def ship(last_stage: Path, data_dir: str) -> dict:
                 "hours_to_90_val": hours_to_90,
                 "epochs_to_90_val": epochs_to_90,
                 **describe_machines(machines_of(shipped))}
-    produced["hardware"] = stage_hardware(before.hardware, produced["hardware"])
+    for key in ("hardware", "precision"):
+        produced[key] = stage_joined(getattr(before, key), produced[key])
     teachers = [teacher_summary(config.teacher) for config in configs if is_teacher_network(config.teacher)]
     if teachers:
         produced["teachers"] = teachers

@@ -73,12 +73,12 @@ def test_hours_and_epochs_to_a_validation_accuracy():
     assert time_to(rows, 0.90) == (1.0, 2) and time_to(rows, 0.95) == (None, None)
 
 
-def test_the_hardware_names_each_machine_change_once():
-    stage_hardware = load_script("ship_weights").stage_hardware
-    assert stage_hardware("", "CPU B") == "CPU B"
-    assert stage_hardware("CPU A", "CPU B") == "CPU A; then CPU B"
-    assert stage_hardware("CPU A; then CPU B", "CPU B") == "CPU A; then CPU B"
-    assert stage_hardware("CPU A; then CPU B", "CPU A") == "CPU A; then CPU B; then CPU A"
+def test_the_hardware_and_precision_name_each_change_once():
+    stage_joined = load_script("ship_weights").stage_joined
+    assert stage_joined("", "CPU B") == "CPU B"
+    assert stage_joined("CPU A", "CPU B") == "CPU A; then CPU B"
+    assert stage_joined("CPU A; then CPU B", "CPU B") == "CPU A; then CPU B"
+    assert stage_joined("CPU A; then CPU B", "CPU A") == "CPU A; then CPU B; then CPU A"
 
 
 def _trained_stage(root: Path, name: str, recipe: str, val_accuracies: list[float], **overrides) -> Path:
@@ -199,6 +199,8 @@ def test_a_run_from_the_shipped_weights_ships_as_their_next_stage(tmp_path, cifa
     ship.main()
     # The next session has only the shipped weights: a batch-norm cycle goes on from them.
     later = _trained_stage(tmp_path, "bn", "release-bn-stage2", [0.62, 0.65, 0.64], initial_weights="shipped")
+    (later / "summary.json").write_text(json.dumps({"device": "CPU test", "precision": "mixed_bfloat16",
+                                                    "backend": "tensorflow"}))
     monkeypatch.setattr("sys.argv", ["ship_weights.py", str(later), "--data-dir", str(cifar_dir)])
     ship.main()
     produced = json.loads((weights / "manifest.json").read_text())["weights"][0]["produced"]
@@ -206,6 +208,7 @@ def test_a_run_from_the_shipped_weights_ships_as_their_next_stage(tmp_path, cifa
     planned = load_config("release-v3").epochs + load_config("release-bn-stage2").epochs
     assert (produced["epochs_trained"], produced["planned_epochs"], produced["best_epoch"]) == (5, planned, 4)
     assert produced["hardware"] == "CPU test"  # one machine for both stages: named once
+    assert produced["precision"] == "float32; then mixed_bfloat16"  # each stage's, not only the last's
     assert load_config(weights / "allcnn-c.stage1.config.toml") == load_config(first / "config.toml")
     assert load_config(weights / "allcnn-c.config.toml") == load_config(later / "config.toml")
     assert len((weights / "allcnn-c.history.csv").read_text().splitlines()) == 1 + 5
