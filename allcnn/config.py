@@ -124,7 +124,8 @@ class TrainConfig:
     teacher: str = ""
     teacher_tta: str = "flip"
     # The teacher predicts each training batch as augmented (the student's view) instead of the
-    # images once, unaugmented (`allcnn.teacher`); `teacher_tta` is then unused.
+    # images once, unaugmented (`allcnn.teacher`); `teacher_tta` is then unused: a teacher that
+    # flip-averages is one `scripts/ensemble_teacher.py --tta flip` wrote.
     teacher_augmented: bool = False
     # Transfer learning: train only the classifier (the last 1x1 conv), the base frozen.
     freeze_base: bool = False

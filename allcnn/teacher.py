@@ -16,7 +16,8 @@ patient and consistent"): fixed targets would say "cat" for a crop that cutout h
 A teacher must be better than the student, and a lone airbench teacher is not (89.6% validation
 against the shipped network's 91.3%). Two networks of different families err on different images:
 `write_ensemble_teacher` averages several teachers' probabilities in one `teacher.keras`, which a
-recipe names as it names any teacher network.
+recipe names as it names any teacher network; with `tta="flip"` it averages each one's on the image
+and on its mirror too, so that a `teacher_augmented` run is taught by the flip averages.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import keras
 import numpy as np
+from keras import ops
 
-from allcnn.config import SHIPPED, TrainConfig
+from allcnn.config import SHIPPED, TTA_MODES, ConfigError, TrainConfig
 from allcnn.data import Dataset, load_splits
 from allcnn.files import atomic_write, atomic_write_text
 from allcnn.inference import Classifier
@@ -109,12 +112,18 @@ def _fitted_alike(a: Preprocessing, b: Preprocessing) -> bool:
     return np.allclose(a.mean, b.mean) and np.allclose(a.std, b.std)
 
 
+@keras.saving.register_keras_serializable(package="allcnn")
+class Mirror(keras.layers.Layer):
+    """Images (N, H, W, C) mirrored left to right: a flip-averaging ensemble's second view."""
+
+    def call(self, inputs):
+        return ops.flip(inputs, axis=2)
+
+
 def load_teacher(teacher: str) -> Classifier:
     """The teacher as a float32 classifier (a `.keras` teacher in the precision it was saved in)."""
     if not is_teacher_network(teacher):
         return load_classifier(None if teacher == SHIPPED else teacher, precision="float32")
-    import keras
-
     path = Path(teacher)
     if not path.is_file():
         raise RunError(f"teacher: no such file {teacher}")
@@ -154,10 +163,11 @@ def teacher_targets(run: RunFolder, config: TrainConfig, images: np.ndarray, cla
     return targets
 
 
-def write_ensemble_teacher(members: list[str], out, val: tuple, *, held_out: dict) -> dict:
+def write_ensemble_teacher(members: list[str], out, val: tuple, *, held_out: dict, tta: str = "none") -> dict:
     """Writes the teacher folder `out`: a `teacher.keras` whose probabilities are the average of
     the `members`' (each as a recipe's `teacher` names it: `shipped`, a weights file, a teacher
-    network's `.keras`), with its `teacher.json` and `preprocessing.json`; returns the record.
+    network's `.keras`), with `tta="flip"` on each image and its mirror, with its `teacher.json`
+    and `preprocessing.json`; returns the record.
 
     The members must predict the same classes from the same preprocessed inputs (one
     `preprocessing.json` serves them all) and not have trained on the validation images `val`
@@ -165,10 +175,10 @@ def write_ensemble_teacher(members: list[str], out, val: tuple, *, held_out: dic
     member's record names any); the record gives the average's accuracy on them, and counts the teacher
     networks' own training (epochs, hours) as the teacher's: weights of ours have theirs in the manifest.
     """
-    import keras
-
     if len(members) < 2:
         raise RunError(f"an ensemble teacher averages two or more networks; got {len(members)}")
+    if tta not in TTA_MODES:
+        raise ConfigError(f"tta {tta!r} is not one of {', '.join(TTA_MODES)}")
     for member in members:
         if member != SHIPPED and not Path(member).is_file():
             raise RunError(f"teacher: no such file {member}")
@@ -179,6 +189,9 @@ def write_ensemble_teacher(members: list[str], out, val: tuple, *, held_out: dic
             raise RunError(f"teacher: {member} predicts other classes than {members[0]}")
         if prep.method != preprocessing[0].method or not _fitted_alike(prep, preprocessing[0]):
             raise RunError(f"teacher: {member} preprocesses its inputs otherwise than {members[0]}")
+    if tta == "flip" and preprocessing[0].method == "zca":  # its whitening mixes pixels across the image
+        raise RunError("tta flip: the mirror of a zca-whitened image is not the whitened mirror; "
+                       "the members must standardize or scale their inputs")
     for member, source in zip(members, sources):
         if source.held_out not in (None, held_out):
             raise RunError(f"teacher: {member} held out {source.held_out} for validation, not {held_out}: "
@@ -187,23 +200,27 @@ def write_ensemble_teacher(members: list[str], out, val: tuple, *, held_out: dic
     inputs = keras.Input(networks[0].input_shape[1:])
     for index, network in enumerate(networks):
         network.name = f"member_{index}"  # unique within the ensemble: two of ours share a name
-    outputs = keras.layers.Average(dtype="float32")([network(inputs) for network in networks])
+    views = [inputs, Mirror()(inputs)] if tta == "flip" else [inputs]
+    outputs = keras.layers.Average(dtype="float32")([network(view) for network in networks for view in views])
     model = keras.Model(inputs, outputs, name="teacher_ensemble")
     classifier = Classifier(model, preprocessing[0])
-    accuracy = lambda tta: round(float(np.mean(  # noqa: E731
-        classifier.probabilities(val[0], tta=tta).argmax(axis=1) == val[1])), 4)
+    accuracy = lambda mode: round(float(np.mean(  # noqa: E731
+        classifier.probabilities(val[0], tta=mode).argmax(axis=1) == val[1])), 4)
     trained = [teacher_record(Path(member)) for member in members if is_teacher_network(member)]
     names = iter(r["network"] for r in trained)
+    averaged = " and ".join(next(names) if is_teacher_network(member) else f"All-CNN-C ({member})"
+                            for member in members)
     record = {
-        "network": "average of " + " and ".join(next(names) if is_teacher_network(member) else f"All-CNN-C ({member})"
-                                                 for member in members),
+        "network": f"average of {averaged}" + ", each on the image and its mirror" * (tta == "flip"),
+        "tta": tta,
         "members": members,
         "class_names": list(sources[0].class_names),
         "held_out": held_out,
         "epochs": sum(r["epochs"] for r in trained),
         "train_seconds": sum(r["train_seconds"] for r in trained),
         "val_accuracy": accuracy("none"),
-        "val_accuracy_tta": accuracy("flip"),
+        # Flipped again, a flip-averaged ensemble predicts the same.
+        "val_accuracy_tta": accuracy("flip") if tta == "none" else None,
         # Each member computes as it was saved (`load_teacher`): a teacher network trained in bf16 stays so.
         "precision": ", ".join(sorted({layer.dtype_policy.name for network in networks
                                        for layer in network.layers if layer.weights})),

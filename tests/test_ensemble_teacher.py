@@ -67,6 +67,27 @@ def test_the_ensemble_teacher_predicts_its_members_average(members, tmp_path):
     # ship_weights reads it as any teacher network's record.
     summary = load_script("ship_weights").teacher_summary(str(tmp_path / "ensemble" / "teacher.keras"))
     assert summary["train_hours"] == 1.0 and summary["val_top1"] == record["val_accuracy"]
+    assert record["tta"] == "none" and record["val_accuracy_tta"] is not None
+
+
+def test_a_flip_averaged_ensemble_teacher_predicts_each_member_s_flip_average(members, tmp_path):
+    """`tta="flip"`: the mirror inside the teacher, so that a run's augmented batches get flip averages."""
+    images, labels = _val()
+    record = write_ensemble_teacher(members, tmp_path / "ensemble", (images, labels), held_out=HELD_OUT, tta="flip")
+    teacher = load_teacher(str(tmp_path / "ensemble" / "teacher.keras"))
+    flip_averages = [load_teacher(member).probabilities(images, tta="flip") for member in members]
+    np.testing.assert_allclose(teacher.probabilities(images), np.mean(flip_averages, axis=0), atol=1e-6)
+    plain = np.mean([load_teacher(member).probabilities(images) for member in members], axis=0)
+    assert not np.allclose(teacher.probabilities(images), plain, atol=1e-3)  # the mirror counts
+    assert record["network"].endswith(", each on the image and its mirror") and record["tta"] == "flip"
+    assert record["val_accuracy_tta"] is None
+
+
+def test_a_flip_average_of_zca_whitened_inputs_is_refused(tmp_path):
+    zca = Preprocessing("zca", [0.0] * 3072, whiten=np.eye(3072, dtype=np.float32))
+    chosen = [str(_airbench_folder(tmp_path / name, zca)) for name in ("a", "b")]
+    with pytest.raises(RunError, match="mirror of a zca-whitened image"):
+        write_ensemble_teacher(chosen, tmp_path / "ensemble", _val(), held_out=HELD_OUT, tta="flip")
 
 
 def test_the_record_names_each_member_s_precision(members, tmp_path):
@@ -93,11 +114,13 @@ def test_an_ensemble_of_networks_that_cannot_be_averaged_is_refused(members, tmp
 
 def test_the_script_scores_the_ensemble_on_the_held_out_images(members, cifar_dir, tmp_path):
     out = tmp_path / "ensemble"
-    command = [sys.executable, str(SCRIPTS / "ensemble_teacher.py"), str(out), *members, "--val-size", "20"]
+    command = [sys.executable, str(SCRIPTS / "ensemble_teacher.py"), str(out), *members, "--val-size", "20",
+               "--tta", "flip"]
     result = subprocess.run([*command, "--data-dir", str(cifar_dir)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "val_accuracy" in result.stdout and (out / "teacher.keras").is_file()
     assert json.loads((out / "teacher.json").read_text())["held_out"] == HELD_OUT
+    assert json.loads((out / "teacher.json").read_text())["tta"] == "flip"
     missing = subprocess.run([*command, "--data-dir", str(tmp_path / "none")], capture_output=True, text=True)
     errors = [line for line in missing.stderr.splitlines() if line.startswith("error: ")]
     assert missing.returncode == 1 and "Traceback" not in missing.stderr and len(errors) == 1
