@@ -44,6 +44,7 @@ NAME = "allcnn-c"
 # The recipes of one schedule from a random init, and the command that trains each.
 ONE_SCHEDULE_RECIPES = {
     "configs/release-bn.toml": "scripts/train_release.sh DATA_DIR RUN_DIR release-bn",
+    "configs/release-bn-long.toml": "scripts/train_release.sh DATA_DIR RUN_DIR release-bn-long",
     "configs/release-v3.toml": "scripts/train_release.sh DATA_DIR RUN_DIR release-v3",
     "configs/release-v2.toml": "scripts/train_release.sh DATA_DIR RUN_DIR release-v2",
     "configs/release-gpu.toml": "scripts/gpu_train.sh train release-gpu SECONDS (on a GPU machine, from "
