@@ -43,10 +43,8 @@ from allcnn.weights_io import WeightsError, load_weights
 NAME = "allcnn-c"
 # The recipes of one schedule from a random init, and the command that trains each.
 ONE_SCHEDULE_RECIPES = {
-    "configs/release-bn.toml": "scripts/train_release.sh DATA_DIR RUN_DIR release-bn",
-    "configs/release-bn-long.toml": "scripts/train_release.sh DATA_DIR RUN_DIR release-bn-long",
-    "configs/release-v3.toml": "scripts/train_release.sh DATA_DIR RUN_DIR release-v3",
-    "configs/release-v2.toml": "scripts/train_release.sh DATA_DIR RUN_DIR release-v2",
+    **{f"configs/{recipe}.toml": f"scripts/train_release.sh DATA_DIR RUN_DIR {recipe}"
+       for recipe in ("release-bn", "release-bn-long", "release-v3", "release-v2")},
     "configs/release-gpu.toml": "scripts/gpu_train.sh train release-gpu SECONDS (on a GPU machine, from "
                                 "scripts/gpu_bundle.sh's parts; README 'Training on a borrowed GPU')",
 }
