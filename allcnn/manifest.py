@@ -158,7 +158,7 @@ def _from_file(path: Path, variant: str | None, preprocessing_json: Path | None)
         config = run.read_config()
         names = run.read_class_names() or CLASS_NAMES
         found_variant = config.variant
-        architecture = {"batch_norm": config.batch_norm, "classes": len(names),
+        architecture = {"batch_norm": config.batch_norm, "reparam": config.reparam, "classes": len(names),
                         "input_shape": (config.image_size, config.image_size, 3)}
         split = {"val_size": config.val_size, "val_split": config.val_split, "seed": config.seed, "class_names": names,
                  "dataset": config.dataset}

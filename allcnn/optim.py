@@ -100,6 +100,7 @@ def compile_model(config: TrainConfig, steps_per_epoch: int, lr: float | None = 
         weight_decay=config.weight_decay,
         kernel_initializer=config.kernel_initializer,
         batch_norm=config.batch_norm,
+        reparam=config.reparam,
         seed=config.seed,
     )
     if config.freeze_base:

@@ -81,6 +81,16 @@ def _keras3_keys(model) -> list[str]:
     return keys
 
 
+def _arrays(group, layer) -> list[np.ndarray]:
+    """A layer's arrays in the order of `layer.weights`: its own `vars`, then those of its `sublayers`
+    (`allcnn.model.RepConv`), each saved in the group of the attribute that holds it, its name."""
+    own = group["vars"] if "vars" in group else {}
+    arrays = [own[k][()] for k in sorted(own, key=int)]
+    for sublayer in layer.sublayers() if hasattr(layer, "sublayers") else []:
+        arrays += _arrays(group.get(sublayer.name, {}), sublayer)
+    return arrays
+
+
 def _read_keras3(f, model, path: Path) -> list[tuple[str, list[np.ndarray]]]:
     """Per weighted layer of `model`, in order, the arrays stored for it.
 
@@ -93,8 +103,7 @@ def _read_keras3(f, model, path: Path) -> list[tuple[str, list[np.ndarray]]]:
     for layer, key in zip(model.layers, _keras3_keys(model)):
         if not layer.weights:
             continue
-        group = saved[key]["vars"] if key in saved and "vars" in saved[key] else {}
-        result.append((key, [group[k][()] for k in sorted(group, key=int)]))
+        result.append((key, _arrays(saved.get(key, {}), layer)))
     used = {key for key, _ in result}
     extra = [k for k in saved if k not in used and len(saved[k].get("vars", {}))]
     if extra:

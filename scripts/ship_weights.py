@@ -44,7 +44,7 @@ NAME = "allcnn-c"
 # The recipes of one schedule from a random init, and the command that trains each.
 ONE_SCHEDULE_RECIPES = {
     **{f"configs/{recipe}.toml": f"scripts/train_release.sh DATA_DIR RUN_DIR {recipe}"
-       for recipe in ("release-bn", "release-bn-long", "release-v3", "release-v2")},
+       for recipe in ("release-bn", "release-bn-long", "release-bn-rep", "release-v3", "release-v2")},
     "configs/release-gpu.toml": "scripts/gpu_train.sh train release-gpu SECONDS (on a GPU machine, from "
                                 "scripts/gpu_bundle.sh's parts; README 'Training on a borrowed GPU')",
 }
@@ -52,6 +52,8 @@ WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 # How far the folded network's float32 probabilities may lie from the batch-norm network's.
 FOLD_TOLERANCE = 1e-5
 FOLDED = "batch norm during training, folded into the convolutions (the shipped network has none)"
+REPARAM_FOLDED = ("batch norm and RepVGG's branches (a 1x1 conv and the identity beside each conv) during "
+                  "training, folded into the convolutions (the shipped network has neither)")
 
 
 def machines_of(run: Path) -> list[dict]:
@@ -222,7 +224,8 @@ def check_fold(run: Path, folded: Classifier, images: np.ndarray) -> float:
     config = RunFolder(run).read_config()
     with hardware.dtype_policy("float32"):
         normed = build_model(config.variant, classes=folded.model.output_shape[-1],
-                             input_shape=folded.model.input_shape[1:], batch_norm=True)
+                             input_shape=folded.model.input_shape[1:], batch_norm=True,
+                             reparam=config.reparam)
     load_weights(normed, RunFolder(run).best_weights)
     expected = Classifier(normed, folded.preprocessing, precision="float32").probabilities(images)
     difference = float(np.abs(folded.probabilities(images) - expected).max())
@@ -286,7 +289,7 @@ def ship(last_stage: Path, data_dir: str) -> dict:
                                      preprocessing_json=RunFolder(shipped).preprocessing_path, precision="float32")
         probabilities = classifier.probabilities(x_test)
         if configs[-1].batch_norm:
-            produced["training"] = FOLDED
+            produced["training"] = REPARAM_FOLDED if configs[-1].reparam else FOLDED
             produced["fold_max_difference"] = check_fold(shipped, classifier, x_test[:1000])
     full = metrics(probabilities, y_test, CLASS_NAMES)
     exact = metrics(probabilities[:1000], y_test[:1000], CLASS_NAMES)

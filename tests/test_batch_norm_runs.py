@@ -19,13 +19,14 @@ from allcnn.model import build_model, load_classifier, unfold_batch_norm
 from allcnn.optim import compile_model
 from allcnn.pipeline import CifarBatches
 from allcnn.preprocessing import Preprocessing
+from allcnn.run_folder import RunFolder
 from allcnn.weights_io import load_weights
 from tests.helpers_weights import make_run
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("bn"), batch_norm=True)
+@pytest.fixture(scope="module", params=[False, True], ids=["batch_norm", "reparam"])
+def weights(tmp_path_factory, request):
+    return make_run(tmp_path_factory.mktemp("bn"), batch_norm=True, reparam=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_loading_folds_the_batch_norm_and_keeps_the_probabilities(weights):
     classifier = load_classifier(weights, precision="float32")
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in classifier.model.layers)
     assert [layer.name for layer in classifier.model.layers] == [layer.name for layer in build_model().layers]
-    normed = build_model(batch_norm=True)
+    normed = build_model(batch_norm=True, reparam=RunFolder(weights.parent).read_config().reparam)
     load_weights(normed, weights)
     images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     expected = Classifier(normed, classifier.preprocessing, precision="float32").probabilities(images)

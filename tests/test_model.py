@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from allcnn.config import ConfigError
-from allcnn.model import (BatchNormalization, build_model, classifier_layer, fold_batch_norm, refresh_batch_norm,
-                          unfold_batch_norm)
+from allcnn.model import (BatchNormalization, RepConv, batch_norms, build_model, fold_batch_norm,
+                          refresh_batch_norm, unfold_batch_norm)
 
 # Each derivation of Table 2 and each base model of Table 1 (5x5, 1x1 and 3x3 convs) at least once:
 # folding goes conv by conv, whatever comes between.
@@ -85,22 +85,25 @@ def _with_batch_norm_statistics(model: keras.Model, rng: np.random.Generator) ->
     """Gives every batch norm statistics far from 0 and 1, and variances small enough that
     its epsilon (1e-3) changes the scale by 1-5%: a fold that forgot it is off by much more than 1e-5."""
     for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            channels = layer.gamma.shape[0]
+        # A RepConv sums its branches: each gets a share of the scale and offset, so the sum keeps them.
+        branches = layer.norms() if isinstance(layer, RepConv) else [layer] if isinstance(layer, BatchNormalization) else []
+        for norm in branches:
+            channels = norm.gamma.shape[0]
             variance = rng.uniform(0.02, 0.1, channels)
             gamma = rng.uniform(0.7, 1.3, channels) * np.sqrt(variance)  # 0.1-0.4: keeps activations in range
-            layer.set_weights([gamma, rng.uniform(-0.4, 0.4, channels) + 0.3,
-                               rng.uniform(-0.5, 0.5, channels) - 0.3, variance])
+            norm.set_weights([gamma / len(branches), (rng.uniform(-0.4, 0.4, channels) + 0.3) / len(branches),
+                              rng.uniform(-0.5, 0.5, channels) - 0.3, variance])
     # Activations grow through nine such layers; a small last gamma keeps the softmax from saturating.
-    last = model.get_layer(classifier_layer(model).replace("conv", "bn"))
+    last = batch_norms(model)[-1]  # the classifier's (a 1x1 conv to the classes: one branch)
     last.gamma.assign(last.gamma * 0.05)
     return model
 
 
+@pytest.mark.parametrize("reparam", [False, True], ids=["batch_norm", "reparam"])
 @pytest.mark.parametrize("variant", FOLD_VARIANTS)
-def test_fold_batch_norm_gives_the_plain_network_with_the_same_outputs(variant):
+def test_fold_batch_norm_gives_the_plain_network_with_the_same_outputs(variant, reparam):
     rng = np.random.default_rng(0)
-    normed = _with_batch_norm_statistics(build_model(variant, batch_norm=True, seed=0), rng)
+    normed = _with_batch_norm_statistics(build_model(variant, batch_norm=True, reparam=reparam, seed=0), rng)
     folded = fold_batch_norm(normed)
     plain = build_model(variant)
     assert [layer.name for layer in folded.layers] == [layer.name for layer in plain.layers]
@@ -110,11 +113,39 @@ def test_fold_batch_norm_gives_the_plain_network_with_the_same_outputs(variant):
     assert np.median(expected.max(axis=1)) < 0.9  # not saturated: the comparison means something
     np.testing.assert_allclose(keras.ops.convert_to_numpy(folded(x, training=False)), expected, atol=1e-5)
     # The check is sharp enough to catch a fold that leaves epsilon out.
-    for layer in normed.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.epsilon = 0.0
+    for layer in batch_norms(normed):
+        layer.epsilon = 0.0
     without_epsilon = keras.ops.convert_to_numpy(normed(x, training=False))
     assert np.abs(without_epsilon - expected).max() > 1e-4  # ten times the tolerance above
+
+
+def test_reparam_branches_are_repvggs():
+    """A 1x1 branch beside each 3x3 conv; the identity where the conv keeps the channels at stride 1
+    (centre-cropped for the valid conv7); one conv alone for the classifier."""
+    model = build_model(batch_norm=True, reparam=True)
+    convs = [layer for layer in model.layers if isinstance(layer, RepConv)]
+    assert [(layer.name, layer.pointwise is not None, layer.identity, len(layer.norms())) for layer in convs] == [
+        ("conv1", True, False, 2), ("conv2", True, True, 3), ("conv3", True, False, 2),
+        ("conv4", True, False, 2), ("conv5", True, True, 3), ("conv6", True, False, 2),
+        ("conv7", True, True, 3), ("conv8", False, True, 2), ("conv9", False, False, 1)]
+    assert len(batch_norms(model)) == 20
+    assert model.output_shape == build_model().output_shape
+
+
+def test_reparam_needs_batch_norm():
+    with pytest.raises(ConfigError, match="reparam: .* needs batch_norm"):
+        build_model(reparam=True)
+
+
+def test_reparam_weights_save_and_load(tmp_path):
+    rng = np.random.default_rng(5)
+    saved = _with_batch_norm_statistics(build_model(batch_norm=True, reparam=True, seed=0), rng)
+    saved.save_weights(tmp_path / "rep.weights.h5")
+    loaded = build_model(batch_norm=True, reparam=True, seed=1)
+    loaded.load_weights(tmp_path / "rep.weights.h5")
+    x = rng.normal(size=(4, 32, 32, 3)).astype("float32")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x, training=False)),
+                                  keras.ops.convert_to_numpy(saved(x, training=False)))
 
 
 def test_fold_batch_norm_refuses_a_network_without_it():

@@ -88,7 +88,9 @@ def _trained_stage(root: Path, name: str, recipe: str, val_accuracies: list[floa
 
     run = _run_folder(root, name, recipe, **overrides)
     Preprocessing("standardize", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]).save(run / "preprocessing.json")
-    build_model("paper", batch_norm=load_config(recipe).batch_norm, seed=len(name)).save_weights(run / "best.weights.h5")
+    config = load_config(recipe)
+    build_model("paper", batch_norm=config.batch_norm, reparam=config.reparam,
+                seed=len(name)).save_weights(run / "best.weights.h5")
     rows = "".join(f"{epoch},0.9,60.0,1.0,0.01,{val},1.0\n" for epoch, val in enumerate(val_accuracies))
     (run / "history.csv").write_text("epoch,accuracy,epoch_seconds,loss,lr,val_accuracy,val_loss\n" + rows)
     RunFolder(run).backup_dir.mkdir()
@@ -157,18 +159,20 @@ def test_ship_weights_names_the_gpu_recipe_and_its_command_however_the_run_execu
     assert (produced["precision"], produced["backend"]) == ("float32; mixed_bfloat16", "tensorflow; jax")
 
 
-def test_ship_weights_folds_a_batch_norm_run_into_the_plain_network(tmp_path, cifar_dir, monkeypatch):
+@pytest.mark.parametrize("recipe, training", [("release-bn", "batch norm during training, folded"),
+                                              ("release-bn-rep", "batch norm and RepVGG's branches (")])
+def test_ship_weights_folds_a_batch_norm_run_into_the_plain_network(recipe, training, tmp_path, cifar_dir, monkeypatch):
     from allcnn.model import build_model
     from allcnn.weights_io import load_weights
 
     ship, weights = _shipping(tmp_path, monkeypatch)
-    run = _trained_stage(tmp_path, "bn", "release-bn", [0.7, 0.91, 0.9])
+    run = _trained_stage(tmp_path, "bn", recipe, [0.7, 0.91, 0.9])
     monkeypatch.setattr("sys.argv", ["ship_weights.py", str(run), "--data-dir", str(cifar_dir)])
     ship.main()
     entry = json.loads((weights / "manifest.json").read_text())["weights"][0]
-    assert entry["batch_norm"] is False and entry["produced"]["training"].startswith("batch norm during training, folded")
+    assert entry["batch_norm"] is False and entry["produced"]["training"].startswith(training)
     assert entry["produced"]["fold_max_difference"] <= ship.FOLD_TOLERANCE
-    assert entry["produced"]["command"] == "scripts/train_release.sh DATA_DIR RUN_DIR release-bn"
+    assert entry["produced"]["command"] == f"scripts/train_release.sh DATA_DIR RUN_DIR {recipe}"
     assert (entry["produced"]["epochs_to_90_val"], entry["produced"]["hours_to_90_val"]) == (2, 0.03)
     load_weights(build_model("paper"), weights / "allcnn-c.weights.h5")  # the plain network: no batch norm
 
