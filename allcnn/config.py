@@ -109,7 +109,8 @@ class TrainConfig:
     kernel_initializer: str = "he_normal"
     batch_norm: bool = False
     # With batch_norm: each conv trains as RepVGG's branches (`allcnn.model.RepConv`: the conv, a 1x1
-    # conv, the identity, each batch-normed), which fold into the plain conv; from a random init only.
+    # conv, the identity, each batch-normed), which fold into the plain conv; from a random init only
+    # (`initial_weights` is refused).
     reparam: bool = False
     # Polyak averaging (Keras' SGD(use_ema=True)): validation, best.weights.h5 and
     # last.weights.h5 use the exponential moving average of the weights, which is
@@ -196,9 +197,6 @@ class TrainConfig:
             raise ConfigError(f"preprocessing: zca is fitted on 32x32 images only, not {self.image_size}x{self.image_size}")
         if self.reparam and not self.batch_norm:
             raise ConfigError("reparam: the branches are batch-normed: it needs batch_norm = true")
-        if self.reparam and self.initial_weights:
-            raise ConfigError("reparam: trains from a random init; initial_weights would start only the "
-                              "branches' convs: leave one of them out")
         if self.freeze_base and self.head_epochs:
             raise ConfigError("freeze_base: the whole run trains the classifier alone; head_epochs (which then "
                               "unfreezes the base) contradicts it: set one of them (e.g. --head-epochs 0)")

@@ -69,6 +69,8 @@ def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) 
     run's network, and survive --overwrite (one inside the folder would be deleted with it)."""
     if not config.initial_weights:
         return
+    if config.reparam:
+        raise RunError("initial_weights: a reparam run trains from a random init: no weights hold its branches")
     check_weights_file(run, config.initial_weights, "initial_weights", overwrite)
     source = starting_weights(config)
     # Some variants have the same weight shapes (paper, tutorial, convpool-cnn-c): only the record

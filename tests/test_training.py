@@ -116,7 +116,6 @@ def test_bad_flags_exit_2(args, message, tmp_path):
     ("milestones = [1.5]", "milestones: expected list"),
     ("lr = 0", "lr: must be positive, got 0.0"),
     ("reparam = true", "reparam: the branches are batch-normed: it needs batch_norm = true"),
-    ("reparam = true\nbatch_norm = true\ninitial_weights = 'shipped'", "reparam: trains from a random init"),
     ("weight_decay = nan", "weight_decay: must be a finite number, got nan"),
     ("learning_rate = 1", "learning_rate: unknown key; did you mean lr?"),  # an alias: difflib finds nothing
     ("lr_schedule = 1", "lr_schedule: unknown key; did you mean schedule?"),
