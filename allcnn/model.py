@@ -178,7 +178,7 @@ class RepConv(layers.Layer):
 
     def norms(self) -> list[BatchNormalization]:
         """The branches' batch norms: the conv's, the 1x1 conv's, the identity's (those there are)."""
-        return [norm for norm in (self.conv_bn, self.pointwise_bn, self.identity_bn) if norm is not None]
+        return [layer for layer in self.sublayers() if isinstance(layer, BatchNormalization)]
 
     def build(self, input_shape):
         _, height, width, channels = input_shape
@@ -300,8 +300,8 @@ def build_model(
                 model.add(layers.Conv2D(filters, spec.kernel, strides=spec.strides, padding=spec.padding,
                                         kernel_initializer=kernel_initializer, kernel_regularizer=regularizer,
                                         name=f"conv{index}"))
-            if batch_norm and not reparam:
-                model.add(BatchNormalization(name=f"bn{index}"))
+                if batch_norm:
+                    model.add(BatchNormalization(name=f"bn{index}"))
             channels = filters
             if spec.relu:
                 model.add(layers.ReLU(name=f"relu{index}"))

@@ -37,7 +37,7 @@ from allcnn.plots import plot_history
 from allcnn.resources import configs_dir
 from allcnn.run_folder import MACHINE_FIELDS, RunError, RunFolder, best_val_accuracy
 from allcnn.teacher import is_teacher_network, teacher_record
-from allcnn.manifest import manifest_entry, write_manifest_entry
+from allcnn.manifest import manifest_entry, resolve_weights, write_manifest_entry
 from allcnn.weights_io import WeightsError, load_weights
 
 NAME = "allcnn-c"
@@ -221,12 +221,10 @@ def load_best(run: Path):
 def check_fold(run: Path, folded: Classifier, images: np.ndarray) -> float:
     """The largest difference between the folded network's float32 probabilities on `images`
     and those of the batch-norm network it was folded from; exits above `FOLD_TOLERANCE`."""
-    config = RunFolder(run).read_config()
+    spec = resolve_weights(RunFolder(run).best_weights)  # the network the run trained, from its config
     with hardware.dtype_policy("float32"):
-        normed = build_model(config.variant, classes=folded.model.output_shape[-1],
-                             input_shape=folded.model.input_shape[1:], batch_norm=True,
-                             reparam=config.reparam)
-    load_weights(normed, RunFolder(run).best_weights)
+        normed = build_model(spec.variant, **spec.architecture)
+    load_weights(normed, spec.path)
     expected = Classifier(normed, folded.preprocessing, precision="float32").probabilities(images)
     difference = float(np.abs(folded.probabilities(images) - expected).max())
     if difference > FOLD_TOLERANCE:
