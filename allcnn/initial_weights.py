@@ -69,10 +69,12 @@ def check_initial_weights(run: RunFolder, config: TrainConfig, overwrite: bool) 
     run's network, and survive --overwrite (one inside the folder would be deleted with it)."""
     if not config.initial_weights:
         return
-    if config.reparam:
-        raise RunError("initial_weights: a reparam run trains from a random init: no weights hold its branches")
     check_weights_file(run, config.initial_weights, "initial_weights", overwrite)
     source = starting_weights(config)
+    if config.reparam and source.batch_norm is not False:
+        # Plain weights start its branches (`RepConv.start_from`); no other file records them.
+        raise RunError(f"initial_weights: a reparam run starts from plain weights whose run or manifest says so "
+                       f"(the shipped ones, a plain run's); {source.path} are not")
     # Some variants have the same weight shapes (paper, tutorial, convpool-cnn-c): only the record
     # tells them apart. Plain weights start a batch-norm run (see `load_initial_weights`); batch-norm
     # weights start no plain one.

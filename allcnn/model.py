@@ -218,6 +218,16 @@ class RepConv(layers.Layer):
         kernels, biases = zip(*(_fold(kernel, 0.0, norm) for kernel, norm in zip(self._kernels(), self.norms())))
         return sum(kernels), sum(biases)
 
+    def start_from(self, kernel: np.ndarray, bias: np.ndarray, mean: np.ndarray, variance: np.ndarray) -> None:
+        """Makes the layer compute the plain conv `kernel`, `bias` in inference mode, for a run that
+        goes on from plain weights (`unfold_batch_norm`; `mean`, `variance`: the statistics of that
+        conv's outputs). The conv branch gets them and its batch norm their statistics; the other
+        branches start switched off (gamma and beta 0), and training grows them from there."""
+        self.conv.set_weights([kernel])
+        self.conv_bn.set_weights([np.sqrt(variance + self.conv_bn.epsilon), mean, mean - bias, variance])
+        for norm in self.norms()[1:]:
+            norm.set_weights([np.zeros(self.filters)] * 3 + [np.ones(self.filters)])
+
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
                 "strides": self.strides, "padding": self.padding, "identity": self.identity,
@@ -386,6 +396,7 @@ def unfold_batch_norm(plain: keras.Sequential, into: keras.Sequential, images: n
     mean and variance, with `gamma = sqrt(variance + epsilon)` and `beta = mean`. In inference
     mode each batch norm is then the identity, so the run starts equal to the plain network;
     in training mode it normalizes with batch statistics close to these, so it starts near it.
+    A `RepConv` (`reparam=True`) starts as its conv branch so (`RepConv.start_from`).
     """
     convs = [layer for layer in plain.layers if isinstance(layer, layers.Conv2D)]
     probe = keras.Model(plain.inputs[0], [conv.output for conv in convs])  # one input, called with one array: no warning
@@ -398,7 +409,11 @@ def unfold_batch_norm(plain: keras.Sequential, into: keras.Sequential, images: n
     for conv, (count, total, square) in zip(convs, moments):
         mean = total / count
         variance = np.maximum(square / count - np.square(mean), 0.0)
-        into.get_layer(conv.name).set_weights(conv.get_weights())
+        target = into.get_layer(conv.name)
+        if isinstance(target, RepConv):
+            target.start_from(*conv.get_weights(), mean, variance)
+            continue
+        target.set_weights(conv.get_weights())
         norm = into.get_layer(conv.name.replace("conv", "bn"))
         norm.set_weights([np.sqrt(variance + norm.epsilon), mean, mean, variance])
 

@@ -109,10 +109,17 @@ def test_a_batch_norm_run_starts_from_plain_weights_equal_to_them(tmp_path, cifa
     result = CliRunner().invoke(main, ["train", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "p"),
                                        "--initial-weights", str(tmp_path / "bn" / "best.weights.h5"), "--epochs", "1"])
     assert result.exit_code == 1 and "are the paper (batch norm) network; this run trains paper" in result.output
-    result = CliRunner().invoke(main, ["train", "--config", "release-bn-rep", "--data-dir", str(cifar_dir),
-                                       "--out", str(tmp_path / "rep"), "--initial-weights", str(plain_weights)])
-    assert result.exit_code == 1 and "a reparam run trains from a random init" in result.output
-    assert not (tmp_path / "rep").exists()
+    # RepVGG's branches start from plain weights too (switched off but for the conv), not from batch-norm ones.
+    recipe.write_text(load_config("release-bn-rep2", epochs=1, batch_size=16, val_size=20).to_toml())
+    result = CliRunner().invoke(main, ["train", "--config", str(recipe), "--data-dir", str(cifar_dir), "--out",
+                                       str(tmp_path / "rep"), "--initial-weights", str(plain_weights)])
+    assert result.exit_code == 0, result.output
+    assert "batch norm started from the statistics of 180 training images" in result.output
+    result = CliRunner().invoke(main, ["train", "--config", str(recipe), "--data-dir", str(cifar_dir), "--out",
+                                       str(tmp_path / "rep-bn"), "--initial-weights",
+                                       str(tmp_path / "bn" / "best.weights.h5")])
+    assert result.exit_code == 1 and "a reparam run starts from plain weights whose run" in result.output
+    assert not (tmp_path / "rep-bn").exists()
 
 
 def test_ema_validates_and_saves_the_averaged_weights_with_their_own_statistics(tmp_path, cifar_dir, monkeypatch):
