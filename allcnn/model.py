@@ -132,6 +132,13 @@ def _fold(kernel: np.ndarray, bias, norm: layers.BatchNormalization) -> tuple[np
     return kernel * scale, beta + (bias - mean) * scale
 
 
+def _start_norm(norm: layers.BatchNormalization, mean: np.ndarray, variance: np.ndarray, bias=0.0) -> None:
+    """Sets a batch norm to pass a plain conv's outputs (channel statistics `mean`, `variance`) on
+    unchanged in inference mode, where the conv before it computes them without `bias`: the moving
+    statistics are those of its own outputs, `gamma = sqrt(variance + epsilon)` and `beta = mean`."""
+    norm.set_weights([np.sqrt(variance + norm.epsilon), mean, mean - bias, variance])
+
+
 def _centres(size: int, kernel: int, strides: int, padding: str) -> slice:
     """The input pixels at the centres of a conv's windows along one axis, as Keras pads them."""
     out = -(-size // strides) if padding == "same" else (size - kernel) // strides + 1
@@ -224,7 +231,7 @@ class RepConv(layers.Layer):
         conv's outputs). The conv branch gets them and its batch norm their statistics; the other
         branches start switched off (gamma and beta 0), and training grows them from there."""
         self.conv.set_weights([kernel])
-        self.conv_bn.set_weights([np.sqrt(variance + self.conv_bn.epsilon), mean, mean - bias, variance])
+        _start_norm(self.conv_bn, mean, variance, bias)  # the branch's conv has no bias
         for norm in self.norms()[1:]:
             norm.set_weights([np.zeros(self.filters)] * 3 + [np.ones(self.filters)])
 
@@ -412,10 +419,9 @@ def unfold_batch_norm(plain: keras.Sequential, into: keras.Sequential, images: n
         target = into.get_layer(conv.name)
         if isinstance(target, RepConv):
             target.start_from(*conv.get_weights(), mean, variance)
-            continue
-        target.set_weights(conv.get_weights())
-        norm = into.get_layer(conv.name.replace("conv", "bn"))
-        norm.set_weights([np.sqrt(variance + norm.epsilon), mean, mean, variance])
+        else:
+            target.set_weights(conv.get_weights())
+            _start_norm(into.get_layer(conv.name.replace("conv", "bn")), mean, variance)
 
 
 def refresh_batch_norm(model: keras.Sequential, images: np.ndarray, batch_size: int = 128) -> None:
